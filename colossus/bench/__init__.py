@@ -1,0 +1,23 @@
+"""``colossus bench``: benchmarks that print a table and write ``--json PATH``.
+
+Each bench lives in its own module and registers one subcommand here."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_bench_parser(sub, fmt) -> None:
+    from colossus.bench import step
+
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks (print a table, --json PATH writes the figures)",
+        formatter_class=fmt,
+        epilog="examples:\n  colossus bench step --model gpt2-124m --batch 4 --seq 128 --json step.json\n",
+    )
+    bsub = b.add_subparsers(dest="bench", required=True)
+    step.add_parser(bsub, fmt)
+
+
+__all__ = ["add_bench_parser", "argparse"]

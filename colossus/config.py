@@ -1,0 +1,262 @@
+"""The one typed schema for a run: YAML recipes, CLI ``--set`` overrides and the Python API.
+
+Example::
+
+    from colossus.config import TrainingConfig
+    cfg = TrainingConfig.from_yaml("recipes/gpt2-tiny.yaml", overrides=["optim.lr=3e-4"])
+    assert cfg.optim.lr == 3e-4
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from colossus.errors import ConfigError
+
+ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert"}
+)
+"""HF model types trained as masked LMs by default."""
+
+
+class _Section(BaseModel):
+    # extra="forbid" is what turns a typo in a recipe into an error instead of a silent default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    arch: str = "gpt2"
+    """Hugging Face ``model_type`` (gpt2, bert, llama, ...) used with ``AutoConfig.for_model``."""
+    path: str | None = None
+    """Local directory for ``from_pretrained``; when set, ``arch`` / ``config`` are ignored."""
+    task: Literal["causal_lm", "masked_lm"] | None = None
+    """Defaults to masked_lm for encoder architectures (bert, roberta, ...), causal_lm otherwise."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Overrides on the architecture's default config (n_layer, hidden_size, ...)."""
+    gradient_checkpointing: bool = False
+
+    @property
+    def resolved_task(self) -> str:
+        if self.task:
+            return self.task
+        return "masked_lm" if self.arch in ENCODER_TYPES else "causal_lm"
+
+
+class TokenizerConfig(_Section):
+    path: str | None = None
+    """A local tokenizer directory (``PreTrainedTokenizerFast.from_pretrained``); else one is trained."""
+    kind: Literal["bpe", "wordpiece"] | None = None
+    """Trained tokenizer type; defaults to byte-level BPE for causal LMs, WordPiece for masked LMs."""
+    vocab_size: int = Field(4096, gt=0)
+
+
+class DataConfig(_Section):
+    corpus: str | list[str] = "python-stdlib"
+    """``python-stdlib`` (the running interpreter's standard library sources), or paths / globs of
+    text files, or ``.jsonl`` files whose ``text_field`` holds the text."""
+    text_field: str = "text"
+    max_chars: int | None = Field(None, gt=0)
+    """Use at most this many characters of the corpus (for quick runs); None = all of it."""
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    block_size: int = Field(128, gt=1)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)
+    cache_dir: str = ".cache/colossus"
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    fused: bool | None = None
+    """None = fused kernel where torch has one for the device (CPU and CUDA in torch >= 2.4)."""
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    """Final LR as a fraction of ``optim.lr`` for cosine / linear decay."""
+
+
+class StrategyConfig(_Section):
+    name: Literal["none", "ddp"] = "none"
+    """``none``: one process. ``ddp``: torch DistributedDataParallel over the launcher's ranks."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to run; wins over ``epochs`` when set."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training set, used when ``max_steps`` is None."""
+    batch_size: int = Field(8, gt=0)
+    """Micro-batch per process; global batch = batch_size * grad_accum * world size."""
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    eval_interval: int | None = Field(None, gt=0)
+    """Evaluate every N optimizer steps (and at the end) when an eval set exists; None = only at the end."""
+    eval_batches: int | None = Field(20, gt=0)
+    """Batches per evaluation; None = the whole eval set."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    run_dir: str | None = None
+    """Defaults to ``runs/<name>-<timestamp>``."""
+
+
+class CheckpointConfig(_Section):
+    interval: int | None = Field(None, gt=0)
+    """Save every N optimizer steps; None = only at the end (if ``save_final``)."""
+    keep_last: int = Field(2, gt=0)
+    save_final: bool = True
+    resume_from: str | None = None
+    """A checkpoint directory, or ``latest`` for the newest valid one under the run dir."""
+
+
+class LoggingConfig(_Section):
+    interval: int = Field(1, gt=0)
+    """Log every N optimizer steps."""
+    progress: bool = True
+    plot: bool = True
+
+
+class TrainingConfig(_Section):
+    """Everything a run needs. Build from YAML (`from_yaml`), a dict (`from_dict`), or kwargs.
+
+    Example::
+
+        cfg = TrainingConfig(name="demo", train={"max_steps": 10, "batch_size": 4})
+        cfg = cfg.with_overrides(["optim.lr=3e-4", "strategy.name=ddp"])
+    """
+
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_path_part(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain name (no '/', not starting with '.')")
+        return v
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainingConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> TrainingConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if isinstance(data, dict):
+            data.setdefault("name", p.stem)
+        for ov in overrides or []:
+            data = apply_override(data, ov)
+        return cls.from_dict(data, source=str(p))
+
+    def with_overrides(self, overrides: list[str]) -> TrainingConfig:
+        data = self.model_dump(mode="json")
+        for ov in overrides:
+            data = apply_override(data, ov)
+        return TrainingConfig.from_dict(data, source="--set")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def _fields_at(path: tuple[str | int, ...]) -> list[str]:
+    """Valid field names of the schema section at ``path`` (for 'did you mean' hints)."""
+    model: Any = TrainingConfig
+    for part in path:
+        if not isinstance(part, str) or not (
+            isinstance(model, type) and issubclass(model, BaseModel)
+        ):
+            return []
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and "[" in x))
+        dotted = ".".join(str(x) for x in loc)
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            valid = _fields_at(loc[:-1])
+            hint = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            msg = f"unknown key '{dotted}'"
+            msg += f" (did you mean '{'.'.join([*map(str, loc[:-1]), hint[0]])}'?)" if hint else ""
+            if valid:
+                msg += f"; valid keys here: {', '.join(valid)}"
+            lines.append(msg)
+        else:
+            got = e.get("input")
+            got_s = repr(got) if not isinstance(got, dict) else "a mapping"
+            lines.append(f"{dotted}: {e['msg'].lower()}, got {got_s}")
+    return f"{source}: invalid config:\n  " + "\n  ".join(lines)
+
+
+def apply_override(data: dict[str, Any], override: str) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` (value parsed as YAML, so ``3e-4``, ``true``, ``[1,2]`` work)."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. optim.lr=3e-4")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {override!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads "3e-4" as a string; numbers written that way are meant as floats.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {override!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+    return data

@@ -1,0 +1,13 @@
+"""Errors a user can act on. Each message says what was wrong and what would be valid."""
+
+
+class ColossusError(Exception):
+    """Base class: the CLI prints these without a traceback and exits with status 2."""
+
+
+class ConfigError(ColossusError):
+    """A recipe, override or argument is invalid (unknown key, wrong type, missing file)."""
+
+
+class CheckpointError(ColossusError):
+    """A checkpoint is missing, partial, or does not match its manifest; nothing was loaded."""

@@ -1,0 +1,66 @@
+"""Build a Hugging Face model from the ``model`` section: an architecture plus config overrides
+(no download: weights are initialised from the seed), or a local ``from_pretrained`` directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PretrainedConfig
+
+from colossus.config import ModelConfig
+from colossus.errors import ConfigError
+
+
+def _auto_class(task: str):
+    return AutoModelForMaskedLM if task == "masked_lm" else AutoModelForCausalLM
+
+
+def build_hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> PretrainedConfig:
+    try:
+        hf_cfg = AutoConfig.for_model(cfg.arch)
+    except ValueError:
+        raise ConfigError(
+            f"model.arch: unknown Hugging Face architecture {cfg.arch!r} (e.g. gpt2, bert, llama)"
+        ) from None
+    overrides = dict(cfg.config)
+    if vocab_size is not None:
+        overrides.setdefault("vocab_size", vocab_size)
+    for k, v in overrides.items():
+        if not hasattr(hf_cfg, k) and k not in hf_cfg.attribute_map:
+            raise ConfigError(f"model.config.{k}: {type(hf_cfg).__name__} has no attribute {k!r}")
+        setattr(hf_cfg, k, v)
+    return hf_cfg
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None, tokenizer=None) -> nn.Module:
+    """Instantiate the model on CPU in fp32 (the strategy moves it). ``vocab_size`` comes from
+    the trained tokenizer unless ``model.config.vocab_size`` says otherwise."""
+    auto = _auto_class(cfg.resolved_task)
+    if cfg.path:
+        p = Path(cfg.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.path: {p} is not a model directory (no config.json)")
+        model = auto.from_pretrained(p, dtype=torch.float32)
+    else:
+        hf_cfg = build_hf_config(cfg, vocab_size)
+        if tokenizer is not None:
+            for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                tid = getattr(tokenizer, attr, None)
+                if tid is not None and hasattr(hf_cfg, attr):
+                    setattr(hf_cfg, attr, tid)
+        model = auto.from_config(hf_cfg, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():  # parameters() already skips tied duplicates
+        if id(p) not in seen:
+            seen.add(id(p))
+            n += p.numel()
+    return n
