@@ -52,7 +52,11 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, tokenizer=None)
                     setattr(hf_cfg, attr, tid)
         model = auto.from_config(hf_cfg, dtype=torch.float32)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

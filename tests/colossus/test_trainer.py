@@ -239,3 +239,59 @@ def test_dict_returning_module(tmp_path):
     t = Trainer(Reg(), c, train_dataset=data)
     t.train()
     assert losses(t)[-1] < 0.05 * losses(t)[0]
+
+
+def test_gradient_checkpointing_gives_same_losses(tmp_path, blocks):
+    from colossus.config import ModelConfig
+    from colossus.models import build_model
+
+    runs = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        mc = ModelConfig(
+            arch="gpt2",
+            config={
+                "n_layer": 2,
+                "n_embd": 32,
+                "n_head": 4,
+                "n_positions": 32,
+                "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0,
+            },
+            gradient_checkpointing=gc,
+        )
+        model = build_model(mc, vocab_size=128)
+        assert getattr(model, "is_activation_checkpointing", None) == gc
+        t = Trainer(model, cfg(tmp_path / str(gc), max_steps=5), train_dataset=blocks)
+        t.train()
+        runs.append(losses(t))
+    assert runs[0] == pytest.approx(runs[1], abs=1e-6)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, blocks):
+    """bf16 matmuls are ~100x slower than fp32 on this CPU: a tiny model, few steps, correctness only."""
+    fp32 = Trainer(tiny_gpt2(), cfg(tmp_path / "a", max_steps=4), train_dataset=blocks)
+    bf16 = Trainer(
+        tiny_gpt2(), cfg(tmp_path / "b", max_steps=4, mixed_precision="bf16"), train_dataset=blocks
+    )
+    fp32.train()
+    bf16.train()
+    assert losses(bf16) == pytest.approx(losses(fp32), abs=0.05)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters()), (
+        "master weights stay fp32"
+    )
+
+
+def test_run_dir_outputs_and_plot(tmp_path, blocks):
+    c = cfg(tmp_path, max_steps=6).with_overrides(
+        ["logging.plot=true", "logging.interval=2", "train.eval_interval=3"]
+    )
+    t = Trainer(tiny_gpt2(), c, train_dataset=blocks, eval_dataset=token_blocks(8, seed=9))
+    t.train()
+    run = tmp_path / "run"
+    png = (run / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in recs if "eval_loss" in r] == [3, 6]
