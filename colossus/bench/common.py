@@ -48,10 +48,14 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
         cols += [k for k in r if k not in cols]
     table = Table(title=title)
     for c in cols:
-        table.add_column(c, justify="left" if c == "name" else "right")
+        table.add_column(c, justify="left" if c == "name" else "right", no_wrap=True)
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
-    Console().print(table)
+    # a pipe or CI log is not a terminal: rich would wrap at 80 columns and cut the names
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
 
 
 def _fmt(v: Any) -> str:

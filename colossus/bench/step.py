@@ -186,7 +186,10 @@ def run(ns: argparse.Namespace) -> int:
         else:
             cmd = [sys.executable, *worker]
         print(f"[bench step] running {v} ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+            raise SystemExit(f"bench step: variant {v} failed (exit {proc.returncode})")
         row = json.loads(Path(out).read_text())
         os.unlink(out)
         if v == "colossus-ddp":
