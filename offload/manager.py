@@ -1,0 +1,781 @@
+"""ChunkManager: packs a module's parameters into chunks, shards them across data-parallel ranks
+(ZeRO-3), installs the hooks that gather chunks before use and reduce-scatter gradients after, and
+accounts every byte per tier.
+
+Example (one process; under ``torchrun`` the same code shards over the default process group)::
+
+    >>> import torch
+    >>> from offload import ChunkAdamW, ChunkConfig, ChunkManager
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> mgr = ChunkManager(model, ChunkConfig(chunk_size=64))
+    >>> opt = ChunkAdamW(mgr, lr=1e-2, weight_decay=0.1)
+    >>> loss = mgr.module(torch.randn(4, 8)).square().mean()
+    >>> mgr.backward(loss)
+    >>> norm = mgr.clip_grad_norm_(1.0)
+    >>> opt.step(); opt.zero_grad()
+    True
+    >>> mgr.memory_report()["device"]["model_state"] > 0
+    True
+
+Hooks and slot states (see :mod:`offload.chunk`):
+
+* forward pre-hook of a module: its chunks are gathered (all_gather_into_tensor) and its params
+  go to COMPUTE; chunks used by the previous module are released lazily, so consecutive modules
+  that share a chunk gather it once.
+* forward post-hook: params return to HOLD; a hook on every output tensor marks the start of the
+  module's backward ("pre-backward"): the chunks are gathered again and the params pinned
+  (COMPUTE) until their gradient arrives. Under gradient checkpointing the recomputed forward
+  re-gathers through the same forward hooks.
+* post-accumulate-grad hook of each param: the gradient is added into the chunk's full-size
+  gradient buffer and ``param.grad`` dropped. When every param of the chunk has received the
+  number of contributions learned in the previous step (1 at first; 0 for unused params), the
+  chunk is reduce-scattered, averaged, moved to the tier of its optimizer state and released.
+* end of backward (an autograd engine callback, or :meth:`ChunkManager.backward`): whatever is
+  still pending is reduced, in chunk order, so unused parameters never hang.
+
+All ranks must run the same modules in the same order (as for any ZeRO-3): gathers are
+collectives. Budgets must be equal on every rank so that eviction decisions agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .chunk import Chunk, Slot, SlotState
+from .comm import all_gather_into, reduce_scatter_sum
+from .precision import DynamicLossScaler
+from .search import default_candidates, pack, search_chunk_size
+from .tiers import AccessOrder, Tier, static_placement
+
+S = SlotState
+_WORKING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def default_decay_filter(name: str, param: torch.Tensor) -> bool:
+    """Decay matrices and embeddings (ndim >= 2); never biases or norm gains."""
+    return param.ndim >= 2
+
+
+@dataclass
+class ChunkConfig:
+    """How to chunk, where to place, how much memory each tier may use.
+
+    * ``chunk_size``: elements per chunk; ``None`` searches ``search_range`` in steps of
+      ``search_interval`` for the size with the least padding.
+    * ``dtype``: working dtype of the chunks the model computes with. ``float32``: the rank's
+      shard *is* the master copy; ``bfloat16`` / ``float16``: a separate fp32 master shard,
+      and fp16 uses dynamic loss scaling (``init_scale``, ``growth_interval``).
+    * ``offload_param_frac`` / ``offload_optim_frac`` (Colossal-AI static placement): the
+      fraction of chunk bytes, counted from the first chunk, whose working parameter shard /
+      fp32 master + gradient shard + optimizer state live on ``host`` instead of ``device``.
+      A chunk whose parameters are on host must keep its optimizer state there too, so
+      ``offload_param_frac <= offload_optim_frac``.
+    * ``device_budget`` / ``host_budget``: bytes each tier may hold. With a device budget,
+      gathered chunks stay cached after use and the one used furthest in the future (access
+      order recorded in the first step) is evicted when the budget would be exceeded.
+    * ``keep_gathered``: keep gathered chunks for the whole step (ZeRO-2-like memory, fewer
+      gathers); they are released after ``optimizer.step()`` since the shards changed.
+    * ``decay_filter(name, param)``: which params get decoupled weight decay; decay and no-decay
+      params are packed into separate chunks so one fused call per shard has one decay value.
+    """
+
+    chunk_size: int | None = None
+    dtype: torch.dtype = torch.float32
+    offload_param_frac: float = 0.0
+    offload_optim_frac: float = 0.0
+    device_budget: int | None = None
+    host_budget: int | None = None
+    keep_gathered: bool = False
+    device: str | torch.device | None = None
+    search_range: tuple[int, int] = (1 << 20, 1 << 26)
+    search_interval: int = 1 << 18
+    decay_filter: Callable[[str, torch.Tensor], bool] = field(default=default_decay_filter)
+    init_scale: float = 2.0**16
+    growth_interval: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _WORKING_DTYPES:
+            raise ValueError(f"dtype must be one of {_WORKING_DTYPES}, got {self.dtype}")
+        for k in ("offload_param_frac", "offload_optim_frac"):
+            v = getattr(self, k)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{k} must be in [0, 1], got {v}")
+        if self.offload_param_frac > self.offload_optim_frac:
+            raise ValueError(
+                f"offload_param_frac={self.offload_param_frac} > offload_optim_frac="
+                f"{self.offload_optim_frac}: a chunk whose parameters live on host must keep its "
+                "fp32 master and optimizer state on host too (raise offload_optim_frac)"
+            )
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+
+
+class ChunkManager:
+    """Owns every chunk of ``module``'s parameters; see the module docstring for the protocol.
+
+    ``process_group=None`` uses the default group when torch.distributed is initialised, else
+    runs single-process. Parameters are moved into chunks at construction: afterwards each
+    ``param.data`` is a view into a chunk (while resident) or an empty placeholder.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: ChunkConfig | None = None,
+        process_group: Any = None,
+    ) -> None:
+        self.config = cfg = config or ChunkConfig()
+        self.group = process_group
+        if dist.is_available() and dist.is_initialized():
+            self.world_size = dist.get_world_size(process_group)
+            self.rank = dist.get_rank(process_group)
+        else:
+            self.world_size, self.rank = 1, 0
+        self._module = module
+        first = next(module.parameters(), None)
+        if first is None:
+            raise ValueError("module has no parameters to manage")
+        self.device = torch.device(cfg.device) if cfg.device is not None else first.device
+        self.tiers: dict[str, Tier] = {
+            "device": Tier("device", self.device, cfg.device_budget),
+            "host": Tier("host", torch.device("cpu"), cfg.host_budget),
+        }
+        self.dtype = cfg.dtype
+        self.scaler = (
+            DynamicLossScaler(cfg.init_scale, growth_interval=cfg.growth_interval)
+            if cfg.dtype == torch.float16
+            else None
+        )
+        self.order = AccessOrder()
+        self.evictions = 0
+        self.gathers = 0
+        self._cache = cfg.keep_gathered or cfg.device_budget is not None
+        self._lazy: set[Chunk] = set()
+        self._flush_queued = False
+        self._backward_active = False
+        self._grads_prepared = False
+        self._found_inf: bool | None = None
+        self._hooks: list[Any] = []
+        self._placeholders: dict[torch.dtype, torch.Tensor] = {}
+        self.chunks = self._build_chunks(module)
+        self._slot_of: dict[int, tuple[Chunk, Slot]] = {
+            id(s.param): (c, s) for c in self.chunks for s in c.slots
+        }
+        self._place()
+        for c in self.chunks:
+            self._init_storage(c)
+        self._install_hooks()
+
+    # ================================================================ construction
+    def _build_chunks(self, module: nn.Module) -> list[Chunk]:
+        aliases: dict[int, list[str]] = defaultdict(list)
+        for n, p in module.named_parameters(remove_duplicate=False):
+            aliases[id(p)].append(n)
+        named = list(module.named_parameters())  # tied weights appear once: stored once
+        for n, p in named:
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {n!r} has dtype {p.dtype}; only float params chunk")
+        # decay / no-decay and trainable / frozen params go to separate chunks: one fused
+        # optimizer call per shard then has a single weight-decay value and nothing to mask
+        groups: dict[tuple[bool, bool], list[int]] = defaultdict(list)
+        for i, (n, p) in enumerate(named):
+            key = (p.requires_grad, p.requires_grad and bool(self.config.decay_filter(n, p)))
+            groups[key].append(i)
+        sizes = [[named[i][1].numel() for i in idx] for idx in groups.values()]
+        cs = self.config.chunk_size
+        if cs is None:
+            lo, hi = self.config.search_range
+            cands = default_candidates(sizes, lo, hi, self.config.search_interval)
+            cs, _ = search_chunk_size(sizes, cands, self.world_size)
+        self.chunk_size = cs
+        specs = []
+        for (req, decay), idx in groups.items():
+            for members, cap in pack([named[i][1].numel() for i in idx], cs, self.world_size):
+                specs.append((idx[members[0]], [named[idx[m]] for m in members], cap, req, decay))
+        specs.sort(key=lambda s: s[0])  # chunk order = registration order of first param
+        al = {k: tuple(v) for k, v in aliases.items()}
+        return [
+            Chunk(i, ps, cap, self.dtype, self.world_size, self.rank, al, req, decay)
+            for i, (_, ps, cap, req, decay) in enumerate(specs)
+        ]
+
+    def _place(self) -> None:
+        nbytes = [c.capacity * self.dtype.itemsize for c in self.chunks]
+        p_off = static_placement(nbytes, self.config.offload_param_frac)
+        o_off = static_placement(nbytes, self.config.offload_optim_frac)
+        for c, po, oo in zip(self.chunks, p_off, o_off):
+            c.param_tier = "host" if po else "device"
+            c.optim_tier = "host" if oo else "device"
+        # model state per tier (Adam: 2 fp32 state tensors) must fit before any work starts
+        need = {"device": 0, "host": 0}
+        for c in self.chunks:
+            n, w = c.shard_size, self.dtype.itemsize
+            need[c.param_tier] += n * w
+            if c.requires_grad:
+                separate_master = self.dtype != torch.float32 or c.param_tier != c.optim_tier
+                need[c.optim_tier] += n * 4 * (3 + int(separate_master))  # grad, m, v (+master)
+        work = max(c.capacity for c in self.chunks) * self.dtype.itemsize * 2  # payload + grads
+        needs_gather = self.world_size > 1 or self.tiers["host"].device != self.device
+        if needs_gather or any(c.param_tier == "host" for c in self.chunks):
+            need["device"] += work
+        for t, n in need.items():
+            b = self.tiers[t].budget
+            if b is not None and n > b:
+                raise ValueError(
+                    f"{t} budget {b} B is too small: model state placed there needs {n} B "
+                    f"({n - b} B more), including one gathered chunk + its gradient buffer. "
+                    "Raise the budget, offload more (offload_param_frac / offload_optim_frac), "
+                    "use more ranks, or a smaller chunk_size."
+                )
+
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._placeholders:
+            self._placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
+        return self._placeholders[dtype]
+
+    @torch.no_grad()
+    def _init_storage(self, c: Chunk) -> None:
+        # build the full chunk once (one chunk at a time: peak = model + one chunk)
+        flat = torch.zeros(c.capacity, dtype=torch.float32, device=self.device)
+        for s in c.slots:
+            flat[s.offset : s.offset + s.numel].copy_(s.param.data.reshape(-1))
+            s.param.data = self._placeholder(self.dtype)  # drop the original storage
+        mine = flat[c.shard_begin : c.shard_begin + c.shard_size]
+        pt, ot = self.tiers[c.param_tier], self.tiers[c.optim_tier]
+        if c.requires_grad or self.dtype == torch.float32:
+            c.master = ot.put(mine.clone()) if c.requires_grad else None
+        if c.master is not None and self.dtype == torch.float32 and pt is ot:
+            c.shard = c.master  # fp32, same tier: the working shard is the master (no copy)
+        else:
+            c.shard = pt.put(mine.to(self.dtype).clone())
+            if c.master is not None:
+                ot.account("master", c.master.nbytes)
+        pt.account("param_shard", c.shard.nbytes)
+        del flat, mine
+        if self.world_size == 1 and pt.device == self.device:
+            c.payload, c.payload_is_shard = c.shard, True  # always resident, gather is a no-op
+            c.resident = True
+            c.bind()
+            for s in c.slots:
+                c.transition(s, S.HOLD)
+        else:
+            c.unbind(self._placeholder(self.dtype))
+
+    def _install_hooks(self) -> None:
+        root = self._module
+        self._hooks.append(root.register_forward_pre_hook(self._root_pre_forward, prepend=True))
+        for mod in root.modules():
+            ps = list(mod.parameters(recurse=False))
+            if not ps:
+                continue
+            entries = [self._slot_of[id(p)] for p in ps]
+            chunks = list(dict.fromkeys(c for c, _ in entries))
+            self._hooks.append(
+                mod.register_forward_pre_hook(partial(self._pre_forward, entries, chunks))
+            )
+            # always_call: non-reentrant checkpointing stops a recomputed forward early by
+            # raising; the post-hook must still drop the forward's reference to the chunks
+            post = partial(self._post_forward, entries, chunks)
+            self._hooks.append(mod.register_forward_hook(post, always_call=True))
+        for c in self.chunks:
+            for s in c.slots:
+                if s.param.requires_grad:
+                    h = s.param.register_post_accumulate_grad_hook(partial(self._on_grad, c, s))
+                    self._hooks.append(h)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped module; hooks are installed, forward/backward work as usual."""
+        return self._module
+
+    # ======================================================================= hooks
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            self.order.start_iteration()
+
+    def _pre_forward(self, entries, chunks, module, args) -> None:
+        self._release_lazy(keep=chunks)
+        for c in chunks:
+            self._fetch(c)
+        for c, s in entries:
+            s.fwd_refs += 1
+            if s.state is not S.COMPUTE:
+                c.transition(s, S.COMPUTE)
+
+    def _post_forward(self, entries, chunks, module, args, output) -> None:
+        for c, s in entries:
+            s.fwd_refs -= 1
+            if s.fwd_refs == 0 and not s.pinned:
+                c.transition(s, c.rest_state(s))
+        if torch.is_grad_enabled():
+            tensors = [t for t in _tensors(output) if t.requires_grad]
+            fired = [False]  # one pre-backward per forward call, whichever output's grad is first
+            for t in tensors:
+                t.register_hook(partial(self._pre_backward, entries, chunks, fired))
+        self._lazy.update(chunks)
+
+    def _pre_backward(self, entries, chunks, fired, grad) -> None:
+        if fired[0]:
+            return
+        fired[0] = True
+        self._backward_started()
+        self._release_lazy(keep=chunks)
+        for c in chunks:
+            self._fetch(c)
+        for c, s in entries:
+            if s.state is S.READY_FOR_REDUCE:
+                s.expected = s.grad_count + 1  # used again: the learned count was too low
+            s.pinned = True
+            if s.state is not S.COMPUTE:
+                c.transition(s, S.COMPUTE)
+
+    @torch.no_grad()
+    def _on_grad(self, c: Chunk, s: Slot, param: torch.Tensor) -> None:
+        g = param.grad
+        if g is None:
+            return
+        param.grad = None  # the gradient now lives in the chunk, not on the param
+        self._backward_started()
+        if c.grad_buffer is None:
+            nbytes = c.capacity * self.dtype.itemsize
+            self._make_room(nbytes, exclude=c)
+            c.grad_buffer = torch.zeros(c.capacity, dtype=self.dtype, device=self.device)
+            self.tiers["device"].account("grad_buffer", nbytes)
+        c.grad_buffer[s.offset : s.offset + s.numel].view(s.shape).add_(g)
+        s.grad_count += 1
+        s.pending = s.has_grad = True
+        s.pinned = False
+        if s.fwd_refs == 0:
+            c.transition(s, c.rest_state(s))
+        if c.grads_complete:
+            self._reduce(c)
+            if not self._cache and c.idle and not c.payload_is_shard:
+                self._release(c)
+
+    def _backward_started(self) -> None:
+        self._backward_active = True
+        self._grads_prepared = False
+        self._found_inf = None
+        if not self._flush_queued:
+            self._flush_queued = True
+            # runs when the current autograd graph task finishes
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_callback)
+
+    def _flush_callback(self) -> None:
+        self._flush_queued = False
+        self.finish_backward()
+
+    # ============================================================ gather / release
+    def _fetch(self, c: Chunk) -> None:
+        self.order.record(c.index)
+        if c.resident:
+            return
+        nbytes = c.capacity * self.dtype.itemsize
+        self._make_room(nbytes, exclude=c)
+        with torch.no_grad():
+            if c.payload is None:
+                c.payload = torch.empty(c.capacity, dtype=self.dtype, device=self.device)
+            else:  # same storage as before: views saved by autograd see the new data
+                c.payload.untyped_storage().resize_(nbytes)
+            src = self.tiers["device"].put(c.shard)  # host -> device copy on a GPU, else none
+            with _preserve_version(c.payload):
+                if self.world_size > 1:
+                    all_gather_into(c.payload, src, self.group)
+                else:
+                    c.payload.copy_(src)
+        self.tiers["device"].account("param_gathered", nbytes)
+        self.gathers += 1
+        c.resident = True
+        c.bind()
+        for s in c.slots:
+            c.transition(s, S.HOLD)
+
+    def _release(self, c: Chunk) -> None:
+        if c.payload_is_shard or not c.resident:
+            return
+        for s in c.slots:
+            c.transition(s, S.FREE)  # raises unless every slot is HOLD
+        if c.grad_buffer is not None:
+            raise RuntimeError(f"chunk {c.index} released with unreduced gradients (a bug)")
+        c.unbind(self._placeholder(self.dtype))
+        assert c.payload is not None
+        # free the memory itself: autograd may hold views of this storage until backward
+        c.payload.untyped_storage().resize_(0)
+        c.resident = False
+        self.tiers["device"].account("param_gathered", -c.capacity * self.dtype.itemsize)
+
+    def _release_lazy(self, keep: list[Chunk]) -> None:
+        if self._cache:
+            return
+        for c in list(self._lazy):
+            if c in keep:
+                continue
+            self._lazy.discard(c)
+            if c.resident and c.idle:
+                self._release(c)
+
+    def _make_room(self, nbytes: int, exclude: Chunk) -> None:
+        dev = self.tiers["device"]
+        while not dev.fits(nbytes):
+            cands = [
+                c.index
+                for c in self.chunks
+                if c is not exclude and c.resident and not c.payload_is_shard and c.idle
+            ]
+            v = self.order.victim(cands)
+            if v is None:
+                raise MemoryError(
+                    f"device budget {dev.budget} B exceeded: chunk {exclude.index} needs "
+                    f"{nbytes} B, {dev.used} B are in use and no idle chunk can be evicted. "
+                    "Raise device_budget, offload more, or use a smaller chunk_size."
+                )
+            self._release(self.chunks[v])
+            self._lazy.discard(self.chunks[v])
+            self.evictions += 1
+
+    # =================================================================== reduction
+    @torch.no_grad()
+    def _reduce(self, c: Chunk) -> None:
+        buf = c.grad_buffer
+        assert buf is not None
+        n = self.world_size
+        if n > 1:
+            if self.dtype == torch.float16:
+                buf.div_(n)  # fp16: average before the sum so it cannot overflow
+            out = torch.empty(c.shard_size, dtype=self.dtype, device=self.device)
+            reduce_scatter_sum(out, buf, self.group)
+        else:
+            out = buf
+        ot = self.tiers[c.optim_tier]
+        g = ot.put(out.float())  # no copy when already fp32 on that tier
+        if n > 1 and self.dtype != torch.float16:
+            g.div_(n)
+        if c.grad_shard is None:
+            c.grad_shard = g  # one rank, fp32, same tier: the buffer itself, no copy
+            ot.account("grad_shard", c.grad_shard.nbytes)
+        else:
+            c.grad_shard.add_(g)
+        c.grad_buffer = None
+        self.tiers["device"].account("grad_buffer", -c.capacity * self.dtype.itemsize)
+        for s in c.slots:
+            if s.pending:
+                s.pending = False
+                if s.state is S.READY_FOR_REDUCE:
+                    c.transition(s, S.HOLD)
+
+    def finish_backward(self) -> None:
+        """Reduce everything still pending (unused params, partial chunks), unpin, release.
+
+        Runs automatically when a backward pass ends; calling it again is a no-op.
+        """
+        if not self._backward_active:
+            return
+        self._backward_active = False
+        for c in self.chunks:  # chunk order: every rank issues the same collectives
+            for s in c.slots:
+                if s.fwd_refs:  # a forward that never finished (cannot outlive the backward)
+                    s.fwd_refs = 0
+                    s.pinned = True
+                if s.pinned:
+                    s.pinned = False
+                    if s.fwd_refs == 0:
+                        c.transition(s, c.rest_state(s))
+                if s.state is S.HOLD_AFTER_BWD:  # no more contributions are coming
+                    s.expected = s.grad_count
+                    c.transition(s, S.READY_FOR_REDUCE)
+            if c.grad_buffer is not None:
+                self._reduce(c)
+            for s in c.slots:
+                if s.param.requires_grad:
+                    s.expected = s.grad_count  # learned for the next step; 0 = unused
+                s.grad_count = 0
+        for c in self.chunks:
+            if not self._cache and c.resident and c.idle:
+                self._release(c)
+        self._lazy.clear()
+        self.order.freeze()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` (scaled under fp16) and make sure every gradient is reduced."""
+        if self.scaler is not None:
+            loss = loss * self.scaler.scale
+        loss.backward()
+        self.finish_backward()
+
+    # ================================================================ step helpers
+    def check_reduced(self) -> None:
+        """Raise, naming them, if any parameter holds gradient that was never reduced."""
+        bad = [
+            s.name
+            for c in self.chunks
+            for s in c.slots
+            if s.pending or s.state in (S.HOLD_AFTER_BWD, S.READY_FOR_REDUCE)
+        ]
+        if bad:
+            raise RuntimeError(
+                f"{len(bad)} parameter(s) received gradients that were never reduce-scattered: "
+                f"{bad}. The end-of-backward reduction did not run (backward still running, "
+                "interrupted, or gradients produced outside the manager's hooks); call "
+                "mgr.finish_backward() after backward or use mgr.backward(loss)."
+            )
+
+    @torch.no_grad()
+    def _prepare_grads(self) -> None:
+        """Once per step: check reduction, unscale (fp16)."""
+        if self._grads_prepared:
+            return
+        self.finish_backward()
+        self.check_reduced()
+        if self.scaler is not None:
+            inv = 1.0 / self.scaler.scale
+            for c in self.chunks:
+                if c.grad_shard is not None:
+                    c.grad_shard.mul_(inv)
+        self._grads_prepared = True
+
+    def _all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip all gradients by their global 2-norm over every shard of every rank.
+
+        One all_reduce of the local sum of squares (padding is zero, so it adds nothing).
+        Matches ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``,
+        clamped to 1). Returns the total norm (inf/nan on fp16 overflow: the step is skipped).
+        """
+        self._prepare_grads()
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for c in self.chunks:
+            if c.grad_shard is not None:
+                sq += self.tiers["device"].put(c.grad_shard.pow(2).sum())
+        total = self._all_reduce(sq).sqrt()
+        if not torch.isfinite(total):
+            self._found_inf = True
+            return total
+        if self.scaler is not None:
+            self._found_inf = False
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for c in self.chunks:
+            if c.grad_shard is not None:
+                c.grad_shard.mul_(coef.to(c.grad_shard.device))
+        return total
+
+    def found_inf(self) -> bool:
+        """fp16: did any rank's gradient overflow this step (one all_reduce, cached)?"""
+        if self.scaler is None:
+            return False
+        self._prepare_grads()
+        if self._found_inf is None:
+            bad = any(
+                c.grad_shard is not None and not bool(torch.isfinite(c.grad_shard).all())
+                for c in self.chunks
+            )
+            flag = torch.tensor([float(bad)], device=self.device)
+            self._found_inf = bool(self._all_reduce(flag, dist.ReduceOp.MAX).item() > 0)
+        return self._found_inf
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Propagate updated masters to the working shards; gathered copies are now stale."""
+        for c in self.chunks:
+            if c.master is not None and c.shard is not c.master:
+                c.shard.copy_(c.master)
+            if c.resident and not c.payload_is_shard:
+                self._release(c)
+        self._lazy.clear()
+        self._grads_prepared = False
+        self._found_inf = None
+
+    def zero_grad(self) -> None:
+        for c in self.chunks:
+            if c.grad_shard is not None:
+                self.tiers[c.optim_tier].account("grad_shard", -c.grad_shard.nbytes)
+                c.grad_shard = None
+            for s in c.slots:
+                s.has_grad = False
+        self._grads_prepared = False
+        self._found_inf = None
+
+    def alloc_state(self, c: Chunk, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Zero-filled optimizer state for chunk ``c``'s shard, on its optimizer tier, accounted."""
+        if name not in c.optim_state:
+            n = 1 if name == "step" else c.shard_size
+            t = self.tiers[c.optim_tier].zeros(n, dtype)
+            if name == "step":
+                t = t.reshape(())
+            c.optim_state[name] = t
+            self.tiers[c.optim_tier].account("optim_state", t.nbytes)
+        return c.optim_state[name]
+
+    @torch.no_grad()
+    def per_param_sq_norms(self, which: str = "grad") -> dict[str, torch.Tensor]:
+        """Squared 2-norm of every trainable parameter (``which="param"``: fp32 master,
+        ``"grad"``: reduced gradient) over its full logical tensor, though a parameter may
+        straddle shards: each rank sums the squares of its segments, then one all_reduce.
+        This is the building block for LAMB/LARS trust ratios."""
+        if which not in ("param", "grad"):
+            raise ValueError(f"which must be 'param' or 'grad', got {which!r}")
+        names = [s.name for c in self.chunks if c.requires_grad for s in c.slots]
+        index = {n: i for i, n in enumerate(names)}
+        acc = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        for c in self.chunks:
+            t = c.master if which == "param" else c.grad_shard
+            if not c.requires_grad or t is None:
+                continue
+            for g in c.segments:
+                piece = t[g.offset_in_shard : g.offset_in_shard + g.length]
+                acc[index[g.name]] += self.tiers["device"].put(piece.double().pow(2).sum())
+        self._all_reduce(acc)
+        return dict(zip(names, acc))
+
+    # ================================================================== reporting
+    def memory_report(self) -> dict[str, dict[str, int | None]]:
+        """Bytes per tier and category right now (plus ``model_state``, ``total``, ``peak``,
+        ``budget``). ``model_state`` = param shards + grad shards + masters + optimizer state."""
+        return {name: t.report() for name, t in self.tiers.items()}
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Where every chunk and its shard live right now."""
+        return [
+            {
+                "index": c.index,
+                "capacity": c.capacity,
+                "used": c.used,
+                "dtype": str(c.dtype),
+                "param_tier": c.param_tier,
+                "optim_tier": c.optim_tier,
+                "resident": c.resident,
+                "decay": c.decay,
+                "params": [s.name for s in c.slots],
+                "states": [s.state.name for s in c.slots],
+            }
+            for c in self.chunks
+        ]
+
+    def param_chunk(self, param: torch.Tensor) -> tuple[Chunk, Slot]:
+        """The chunk and slot holding ``param``."""
+        return self._slot_of[id(param)]
+
+    # ================================================================ state dicts
+    def state_dict_shard(self) -> dict[str, torch.Tensor]:
+        """This rank's fp32 master shards, optimizer state and segment tables, as a flat dict of
+        contiguous CPU tensors (``safetensors.torch.save_file`` takes it as is). ``meta`` holds
+        the layout as JSON bytes, so loading can check it matches."""
+        sd: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {
+            "format": "offload.chunk_shard/1",
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "dtype": str(self.dtype),
+            "chunks": [],
+        }
+        for c in self.chunks:
+            k = f"chunk{c.index:05d}"
+            segs = c.segments
+            meta["chunks"].append(
+                {"capacity": c.capacity, "names": [g.name for g in segs], "params": len(c.slots)}
+            )
+            src = c.master if c.master is not None else c.shard
+            sd[f"{k}.master"] = src.detach().float().cpu().clone()
+            for name, t in c.optim_state.items():
+                sd[f"{k}.optim.{name}"] = t.detach().cpu().clone()
+            sd[f"{k}.segments"] = torch.tensor(
+                [[g.offset_in_shard, g.length, g.offset_in_param] for g in segs], dtype=torch.int64
+            ).reshape(-1, 3)
+        if self.scaler is not None:
+            sd["loss_scaler"] = self.scaler.state_tensor()
+        sd["meta"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict_shard(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`state_dict_shard` wrote on this rank (same world size and layout)."""
+        meta = json.loads(bytes(sd["meta"].tolist()).decode())
+        if meta.get("format") != "offload.chunk_shard/1":
+            raise ValueError(f"not an offload chunk shard (format={meta.get('format')!r})")
+        if (meta["world_size"], meta["rank"]) != (self.world_size, self.rank):
+            raise ValueError(
+                f"shard was saved by rank {meta['rank']} of {meta['world_size']}; this is rank "
+                f"{self.rank} of {self.world_size} (resharding is not supported: load the full "
+                "parameters with iter_full_params/HF export instead)"
+            )
+        if len(meta["chunks"]) != len(self.chunks):
+            raise ValueError(
+                f"shard has {len(meta['chunks'])} chunks, model has {len(self.chunks)}"
+            )
+        for c, m in zip(self.chunks, meta["chunks"]):
+            names = [g.name for g in c.segments]
+            if m["capacity"] != c.capacity or m["names"] != names:
+                raise ValueError(
+                    f"chunk {c.index} layout differs: saved capacity {m['capacity']} with "
+                    f"{m['names']}, current {c.capacity} with {names} (chunk_size or model changed)"
+                )
+        for c in self.chunks:
+            k = f"chunk{c.index:05d}"
+            if c.master is not None:
+                c.master.copy_(sd[f"{k}.master"])
+            if c.shard is not c.master:
+                c.shard.copy_(sd[f"{k}.master"])  # working copy (cast to the working dtype)
+            for key, t in sd.items():
+                if key.startswith(f"{k}.optim."):
+                    name = key[len(f"{k}.optim.") :]
+                    self.alloc_state(c, name, t.dtype).copy_(t.reshape(c.optim_state[name].shape))
+        if self.scaler is not None and "loss_scaler" in sd:
+            self.scaler.load_state_tensor(sd["loss_scaler"])
+        for c in self.chunks:  # gathered copies predate the load
+            if c.resident and not c.payload_is_shard and c.idle:
+                self._release(c)
+
+    @torch.no_grad()
+    def iter_full_params(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, full fp32 tensor)`` for every parameter, one chunk gathered at a time
+        (never the whole model). Collective: every rank must exhaust the generator. Tied
+        weights are yielded once, under their first name (like ``named_parameters()``)."""
+        for c in self.chunks:
+            src = c.master if c.master is not None else c.shard.float()
+            src = self.tiers["device"].put(src)
+            if self.world_size > 1:
+                full = torch.empty(c.capacity, dtype=torch.float32, device=self.device)
+                all_gather_into(full, src.contiguous(), self.group)
+            else:
+                full = src
+            for s in c.slots:
+                yield s.name, full[s.offset : s.offset + s.numel].view(s.shape).clone()
+            del full
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) module output: tensors, tuples, lists, dicts, ModelOutputs."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _preserve_version(t: torch.Tensor):
+    # writing a gathered chunk into storage that autograd saved must not look like an in-place
+    # modification of the saved tensors (they hold the same data they did in forward)
+    f = getattr(torch.autograd, "_unsafe_preserve_version_counter", None)
+    return f(t) if f is not None else contextlib.nullcontext()

@@ -1,0 +1,146 @@
+"""Chunk optimizers: one fused kernel call per owned shard, on the tier that holds its state.
+
+The optimizer holds no tensors of its own: the fp32 master shard, gradient shard and state of
+each chunk live in the :class:`~offload.chunk.Chunk` (so the manager accounts, saves and moves
+them). Subclasses implement :meth:`ChunkOptimizer.update_shard`; an optimizer that needs
+per-parameter quantities (LAMB/LARS trust ratios) reads ``chunk.segments`` (name, offset in
+shard, length, offset in param), sums partial squares per parameter and all-reduces them, since
+a parameter may straddle shards.
+
+Example::
+
+    >>> import torch
+    >>> from offload import ChunkAdamW, ChunkConfig, ChunkManager
+    >>> mgr = ChunkManager(torch.nn.Linear(4, 4), ChunkConfig(chunk_size=32))
+    >>> opt = ChunkAdamW(mgr, lr=1e-3)
+    >>> mgr.backward(mgr.module(torch.ones(2, 4)).sum()); opt.step()
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .chunk import Chunk
+from .manager import ChunkManager
+
+
+class ChunkOptimizer(torch.optim.Optimizer):
+    """Base: param groups ``decay`` / ``no_decay`` over the master shards, so torch LR schedulers
+    work unchanged (they set ``group["lr"]``)."""
+
+    def __init__(self, mgr: ChunkManager, defaults: dict[str, Any]) -> None:
+        self.mgr = mgr
+        self._chunk_of: dict[int, Chunk] = {}
+        groups: list[dict[str, Any]] = []
+        for decay in (True, False):
+            masters = []
+            for c in mgr.chunks:
+                if c.requires_grad and c.decay == decay:
+                    assert c.master is not None
+                    masters.append(c.master)
+                    self._chunk_of[id(c.master)] = c
+            if masters:
+                g: dict[str, Any] = {"params": masters, "name": "decay" if decay else "no_decay"}
+                if not decay:
+                    g["weight_decay"] = 0.0
+                groups.append(g)
+        if not groups:
+            raise ValueError("the manager has no trainable chunks")
+        super().__init__(groups, defaults)
+
+    def update_shard(self, c: Chunk, group: dict[str, Any]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> bool:  # type: ignore[override]
+        """Update every owned shard; returns False when the step was skipped (fp16 overflow)."""
+        if closure is not None:
+            raise ValueError("closures are not supported")
+        mgr = self.mgr
+        mgr._prepare_grads()
+        if mgr.scaler is not None:
+            found = mgr.found_inf()
+            mgr.scaler.update(found)
+            if found:
+                mgr.after_step()
+                return False
+        for group in self.param_groups:
+            for m in group["params"]:
+                c = self._chunk_of[id(m)]
+                if c.grad_shard is None:
+                    continue  # no gradient reached this chunk (like torch: no update)
+                unused = [g for g in c.segments if not self._slot(c, g.name).has_grad]
+                saved = self._save(c, unused)
+                self.update_shard(c, group)
+                self._restore(c, unused, saved)
+        mgr.after_step()
+        return True
+
+    def _slot(self, c: Chunk, name: str):
+        return next(s for s in c.slots if s.name == name)
+
+    def _save(self, c: Chunk, segs) -> list[list[torch.Tensor]]:
+        # params with no gradient this step are left untouched, as torch skips grad=None params
+        # (weight decay and moment decay would otherwise move them)
+        ts = [c.master, *[t for t in c.optim_state.values() if t.ndim]]
+        return [
+            [t[g.offset_in_shard : g.offset_in_shard + g.length].clone() for t in ts] for g in segs
+        ]
+
+    def _restore(self, c: Chunk, segs, saved) -> None:
+        if not segs:
+            return
+        ts = [c.master, *[t for t in c.optim_state.values() if t.ndim]]
+        for g, vals in zip(segs, saved):
+            for t, v in zip(ts, vals):
+                if v.numel() == g.length:
+                    t[g.offset_in_shard : g.offset_in_shard + g.length].copy_(v)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.mgr.zero_grad()
+
+
+class ChunkAdamW(ChunkOptimizer):
+    """AdamW over flat fp32 master shards: one ``torch._fused_adamw_`` call per shard.
+
+    Same math as ``torch.optim.AdamW(fused=True)`` with param groups {ndim >= 2: weight_decay,
+    else: 0} (the manager's ``decay_filter``). The step counter is per shard: it can differ from
+    torch's per-parameter counter only for parameters that are unused in some steps.
+    """
+
+    def __init__(
+        self,
+        mgr: ChunkManager,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(mgr, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    def update_shard(self, c: Chunk, group: dict[str, Any]) -> None:
+        m = c.master
+        assert m is not None and c.grad_shard is not None
+        ea = self.mgr.alloc_state(c, "exp_avg")
+        eas = self.mgr.alloc_state(c, "exp_avg_sq")
+        step = self.mgr.alloc_state(c, "step")
+        step += 1  # torch's fused path increments before the kernel
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(
+            [m],
+            [c.grad_shard],
+            [ea],
+            [eas],
+            [],
+            [step],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            amsgrad=False,
+            maximize=False,
+        )
