@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from colossus.errors import ConfigError
 
@@ -86,9 +94,46 @@ class ScheduleConfig(_Section):
     """Final LR as a fraction of ``optim.lr`` for cosine / linear decay."""
 
 
+class ChunkStrategyConfig(_Section):
+    """Options of ``strategy.name: chunk`` (the ``offload`` chunk manager, ZeRO-3 sharding).
+
+    Byte budgets take a number of bytes or a size string (``12GiB``, ``500MB``)."""
+
+    chunk_size: int | None = Field(None, gt=0)
+    """Elements per chunk; None searches 1-64 Mi elements for the size with the least padding."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Working dtype of the chunks the model computes with; bf16 / fp16 keep fp32 master shards,
+    fp16 adds dynamic loss scaling (a step whose gradients overflow is skipped)."""
+    offload_param_frac: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of chunk bytes (from the first chunk) whose parameter shards live on host."""
+    offload_optim_frac: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of chunk bytes whose fp32 master, gradient shard and optimizer state live on host.
+    Must be >= offload_param_frac (a chunk with params on host keeps its optimizer state there)."""
+    device_budget: ByteSize | None = None
+    """Bytes the compute device may hold; gathered chunks are cached and the one used furthest in
+    the future is evicted when it is hit. None = no limit (release chunks right after use)."""
+    host_budget: ByteSize | None = None
+    """Bytes the host tier may hold; a placement that cannot fit stops before training."""
+    keep_gathered: bool = False
+    """Keep gathered chunks for the whole step (fewer gathers, ZeRO-2-like memory)."""
+
+    @model_validator(mode="after")
+    def _param_frac_le_optim_frac(self) -> ChunkStrategyConfig:
+        if self.offload_param_frac > self.offload_optim_frac:
+            raise ValueError(
+                f"offload_param_frac={self.offload_param_frac} > offload_optim_frac="
+                f"{self.offload_optim_frac}: a chunk whose parameters live on host keeps its "
+                "optimizer state on host too; raise offload_optim_frac"
+            )
+        return self
+
+
 class StrategyConfig(_Section):
-    name: Literal["none", "ddp"] = "none"
-    """``none``: one process. ``ddp``: torch DistributedDataParallel over the launcher's ranks."""
+    name: Literal["none", "ddp", "chunk"] = "none"
+    """``none``: one process. ``ddp``: torch DistributedDataParallel over the launcher's ranks.
+    ``chunk``: parameters, gradients and optimizer state in chunks sharded over the ranks
+    (ZeRO-3) and placed on device / host tiers (see ``strategy.chunk``)."""
+    chunk: ChunkStrategyConfig = Field(default_factory=ChunkStrategyConfig)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
 

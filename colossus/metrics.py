@@ -88,6 +88,13 @@ class RunLogger:
             f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
             f"lr {record['lr']:.2e}  rss {record['peak_rss_gib']:.2f} GiB"
         )
+        tiers = [
+            (k[4:-4], v)
+            for k, v in record.items()
+            if k.startswith("mem_") and k.endswith("_gib") and "peak" not in k
+        ]
+        if tiers:  # model state per tier (strategy chunk)
+            info += "  " + " ".join(f"{t} {v:.2f}" for t, v in tiers) + " GiB"
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], info=info)
         elif self._plain_progress:

@@ -106,6 +106,11 @@ class Strategy:
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()
 
+    def memory_report(self) -> dict[str, float]:
+        """Model-state memory per tier (``device_gib``, ``host_gib``, ...) where the strategy
+        accounts it; empty when the model simply lives on the device."""
+        return {}
+
     # ---- state ------------------------------------------------------------------------
     def save(self, ckpt: CheckpointWriter) -> None:
         """Write model + optimizer state into a checkpoint (collective: every rank calls it)."""
@@ -180,4 +185,8 @@ def make_strategy(cfg: StrategyConfig, ctx: DistContext) -> Strategy:
             f"strategy.name=none runs one process, but the launcher started {ctx.world_size}; "
             "use strategy.name=ddp (or launch one process)"
         )
+    if cfg.name == "chunk":  # imported here: it pulls in offload, which none/ddp never need
+        from colossus.chunk_strategy import ChunkStrategy
+
+        return ChunkStrategy(cfg, ctx)
     return STRATEGIES[cfg.name](cfg, ctx)

@@ -260,6 +260,7 @@ class Trainer:
                         "peak_rss_gib": peak_rss_gib(),
                         "time_s": time.perf_counter() - t_start,
                     }
+                    record |= {f"mem_{k}": v for k, v in self.strategy.memory_report().items()}
                     t_log, tok_log = time.perf_counter(), 0
                     logger.log(record)
                 for cb in self.callbacks:
@@ -299,6 +300,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "global_batch": self.global_batch,
         }
+        summary |= {f"mem_{k}": v for k, v in self.strategy.memory_report().items() if "peak" in k}
         if last_eval:
             summary |= last_eval
         summary["run_dir"] = str(self.run_dir)
@@ -418,6 +420,13 @@ class Trainer:
         if err:
             raise err
         state = load_json(path / "trainer_state.json")
+        saved = state.get("strategy", "none")
+        if (saved == "chunk") != (self.strategy.name == "chunk"):
+            raise CheckpointError(
+                f"checkpoint {path} was written by strategy {saved!r}, this run uses "
+                f"{self.strategy.name!r}: their model/optimizer formats differ. Resume with "
+                f"strategy.name={saved}, or `colossus export` it and start from the exported model."
+            )
         if state["global_batch"] != self.global_batch:
             raise CheckpointError(
                 f"checkpoint {path} was written with global batch {state['global_batch']}, this run has "

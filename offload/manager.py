@@ -554,12 +554,13 @@ class ChunkManager:
         return t
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float | None) -> torch.Tensor:
         """Clip all gradients by their global 2-norm over every shard of every rank.
 
         One all_reduce of the local sum of squares (padding is zero, so it adds nothing).
         Matches ``torch.nn.utils.clip_grad_norm_`` (coefficient ``max_norm / (norm + 1e-6)``,
-        clamped to 1). Returns the total norm (inf/nan on fp16 overflow: the step is skipped).
+        clamped to 1); ``max_norm=None`` only measures. Returns the total norm (inf/nan on fp16
+        overflow: the step is skipped).
         """
         self._prepare_grads()
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -572,6 +573,8 @@ class ChunkManager:
             return total
         if self.scaler is not None:
             self._found_inf = False
+        if max_norm is None:
+            return total
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for c in self.chunks:
             if c.grad_shard is not None:
@@ -691,7 +694,13 @@ class ChunkManager:
             k = f"chunk{c.index:05d}"
             segs = c.segments
             meta["chunks"].append(
-                {"capacity": c.capacity, "names": [g.name for g in segs], "params": len(c.slots)}
+                {
+                    "capacity": c.capacity,
+                    "names": [g.name for g in segs],
+                    "params": len(c.slots),
+                    # the whole chunk's layout, so shards can be consolidated offline
+                    "slots": [[s.name, s.offset, list(s.shape), list(s.aliases)] for s in c.slots],
+                }
             )
             src = c.master if c.master is not None else c.shard
             sd[f"{k}.master"] = src.detach().float().cpu().clone()

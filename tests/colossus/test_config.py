@@ -26,7 +26,7 @@ def test_wrong_type_says_the_path():
         TrainingConfig.from_dict({"optim": {"lr": "fast"}})
     with pytest.raises(ConfigError, match=r"train\.batch_size: .*greater than 0"):
         TrainingConfig.from_dict({"train": {"batch_size": 0}})
-    with pytest.raises(ConfigError, match=r"strategy\.name: .*'none' or 'ddp'"):
+    with pytest.raises(ConfigError, match=r"strategy\.name: .*'none', 'ddp' or 'chunk'"):
         TrainingConfig.from_dict({"strategy": {"name": "zero9"}})
 
 

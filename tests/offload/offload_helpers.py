@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from conftest import assert_params_close, key_bias_mask  # noqa: F401  (re-exported for tests)
 
 from offload import ChunkAdamW, ChunkConfig, ChunkManager
 
@@ -182,31 +183,6 @@ def train_worker(configs: dict[str, ChunkConfig], steps: int = STEPS, checkpoint
 
 def _shards_of(c, s):
     return (i // c.shard_size for i in (s.offset, s.offset + s.numel - 1))
-
-
-def key_bias_mask(name: str, t: torch.Tensor, n_embd: int = 32) -> torch.Tensor | None:
-    """The attention key bias (middle third of c_attn.bias) has an identically zero gradient:
-    softmax is invariant to adding the same q.b_k to every score of a row. Its "gradient" is
-    rounding noise that Adam normalises into lr-sized steps, so its value depends on the order
-    of floating-point sums (a different batch split changes it, plain PyTorch included)."""
-    if name.endswith("attn.c_attn.bias"):
-        m = torch.zeros_like(t, dtype=torch.bool)
-        m[n_embd : 2 * n_embd] = True
-        return m
-    return None
-
-
-def assert_params_close(ref: dict, got: dict, atol: float = 1e-5, noise_atol: float = 1e-3):
-    """Every parameter within ``atol``; the key-bias noise (see key_bias_mask) within
-    ``noise_atol`` (a bound well below lr * steps = 0.09, the most it could drift)."""
-    assert set(ref) == set(got), set(ref) ^ set(got)
-    for n, r in ref.items():
-        d = (r - got[n]).abs()
-        m = key_bias_mask(n, r)
-        if m is not None:
-            assert d[m].max() <= noise_atol, (n, d[m].max().item())
-            d = d[~m]
-        assert d.max() <= atol, (n, d.max().item())
 
 
 class WithUnused(torch.nn.Module):

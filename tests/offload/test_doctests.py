@@ -13,6 +13,7 @@ MODULES = [
     "offload.precision",
     "offload.manager",
     "offload.optim",
+    "offload.consolidate",
 ]
 
 

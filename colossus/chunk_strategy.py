@@ -1,0 +1,168 @@
+"""Strategy ``chunk``: the model's parameters, gradients and AdamW state live in chunks managed by
+:class:`offload.ChunkManager`, sharded over the launcher's ranks (ZeRO-3) and placed on the
+``device`` / ``host`` tiers by ``strategy.chunk`` (see :class:`colossus.config.ChunkStrategyConfig`).
+
+Checkpoints are sharded: each rank writes ``chunks-rankRRRRR-of-NNNNN.safetensors`` (its fp32
+master shards, AdamW state and the chunk layout); rank 0 adds the model's persistent buffers and
+the optimizer hyper-parameters. ``colossus export`` consolidates the shards chunk by chunk.
+
+Example::
+
+    from colossus import Trainer, TrainingConfig
+    cfg = TrainingConfig(strategy={"name": "chunk", "chunk": {"offload_optim_frac": 1.0}})
+    trainer = Trainer(model, cfg, train_dataset=blocks)  # under torchrun: sharded over ranks
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from colossus.checkpoint import CheckpointWriter, load_json, load_tensors
+from colossus.config import OptimConfig
+from colossus.errors import CheckpointError, ConfigError
+from colossus.strategy import Strategy
+from offload import ChunkAdamW, ChunkConfig, ChunkManager
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHARD_RE = re.compile(r"chunks-rank(\d{5})-of-(\d{5})\.safetensors")
+_HYPER = ("lr", "betas", "eps", "weight_decay")
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"chunks-rank{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The chunk shard files of a checkpoint directory, rank order ([] if it has none)."""
+    return sorted(p for p in Path(path).iterdir() if SHARD_RE.fullmatch(p.name))
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that ``state_dict()`` would save (not the non-persistent ones)."""
+    out = {}
+    for mname, mod in model.named_modules():
+        for bname, b in mod.named_buffers(recurse=False):
+            if b is not None and bname not in mod._non_persistent_buffers_set:
+                out[f"{mname}.{bname}" if mname else bname] = b
+    return out
+
+
+class ChunkStrategy(Strategy):
+    """ZeRO-3 over the default process group with chunked, tier-placed model state."""
+
+    name = "chunk"
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        cc = self.cfg.chunk
+        dev = self.ctx.device
+        # only buffers go to the device here; parameters are copied chunk by chunk straight into
+        # their tier by the manager, so the model never has to fit on the device whole
+        for mod in model.modules():
+            for k, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[k] = b.to(dev)
+        try:
+            self.mgr = ChunkManager(
+                model,
+                ChunkConfig(
+                    chunk_size=cc.chunk_size,
+                    dtype=DTYPES[cc.dtype],
+                    offload_param_frac=cc.offload_param_frac,
+                    offload_optim_frac=cc.offload_optim_frac,
+                    device_budget=None if cc.device_budget is None else int(cc.device_budget),
+                    host_budget=None if cc.host_budget is None else int(cc.host_budget),
+                    keep_gathered=cc.keep_gathered,
+                    device=dev,
+                ),
+            )
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"strategy.chunk: {e}") from None
+        self.model = self.engine = model
+        self.skipped_steps = 0
+        return self.engine
+
+    def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
+        # one fused AdamW kernel per owned shard (optim.fused is moot: always the fused kernel);
+        # decay / no-decay follows the same ndim >= 2 rule as the other strategies
+        self.optimizer = ChunkAdamW(
+            self.mgr, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
+        return self.optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.mgr.backward(loss)
+
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        return self.mgr.clip_grad_norm_(max_norm)
+
+    def optimizer_step(self) -> None:
+        if not self.optimizer.step():  # fp16 overflow: skipped, loss scale halved
+            self.skipped_steps += 1
+        self.optimizer.zero_grad()
+
+    def memory_report(self) -> dict[str, float]:
+        rep = self.mgr.memory_report()
+        out = {}
+        for tier, r in rep.items():
+            out[f"{tier}_gib"] = r["total"] / 2**30
+            out[f"{tier}_peak_gib"] = r["peak"] / 2**30
+        if self.mgr.scaler is not None:
+            out["loss_scale"] = self.mgr.scaler.scale
+            out["skipped_steps"] = self.skipped_steps
+        return out
+
+    # ---- state --------------------------------------------------------------------------
+    def save(self, ckpt: CheckpointWriter) -> None:
+        r, n = self.ctx.rank, self.ctx.world_size
+        ckpt.save_tensors(shard_name(r, n), self.mgr.state_dict_shard())
+        if self.ctx.is_main:
+            bufs = persistent_buffers(self.model)
+            if bufs:
+                ckpt.save_tensors("buffers.safetensors", bufs)
+            groups = [
+                {k: g[k] for k in ("name", *_HYPER) if k in g} for g in self.optimizer.param_groups
+            ]
+            ckpt.save_json("optimizer.json", {"kind": "chunk_adamw", "param_groups": groups})
+
+    def load(self, path: Path) -> None:
+        files = shard_files(path)
+        if not files:
+            raise CheckpointError(
+                f"checkpoint {path} has no chunk shards (chunks-rank*.safetensors): it was not "
+                "written by strategy chunk"
+            )
+        saved_world = int(SHARD_RE.fullmatch(files[0].name).group(2))
+        if saved_world != self.ctx.world_size or len(files) != saved_world:
+            raise CheckpointError(
+                f"checkpoint {path} holds chunk shards of {saved_world} ranks ({len(files)} files); "
+                f"this run has {self.ctx.world_size}. Resume with {saved_world} ranks, or "
+                "`colossus export` it and start a new run from the exported model (model.path)."
+            )
+        sd = load_tensors(path / shard_name(self.ctx.rank, saved_world))
+        try:
+            self.mgr.load_state_dict_shard(sd)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: chunk shard does not fit: {e}") from None
+        bf = path / "buffers.safetensors"
+        if bf.is_file():
+            bufs = persistent_buffers(self.model)
+            for k, v in load_tensors(bf, device=self.ctx.device).items():
+                if k in bufs:
+                    bufs[k].copy_(v)
+        groups = load_json(path / "optimizer.json")["param_groups"]
+        if len(groups) != len(self.optimizer.param_groups):
+            raise CheckpointError(f"checkpoint {path}: optimizer param groups do not match")
+        for g, saved in zip(self.optimizer.param_groups, groups):
+            for k in _HYPER:
+                if k in saved:
+                    g[k] = tuple(saved[k]) if k == "betas" else saved[k]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: every rank must call it; gathers one chunk at a time."""
+        out = dict(self.mgr.iter_full_params())
+        out.update({k: v.detach().cpu() for k, v in persistent_buffers(self.model).items()})
+        return out
