@@ -76,6 +76,7 @@ class ChunkStrategy(Strategy):
                     device_budget=None if cc.device_budget is None else int(cc.device_budget),
                     host_budget=None if cc.host_budget is None else int(cc.host_budget),
                     keep_gathered=cc.keep_gathered,
+                    keep_gathered_frac=cc.keep_gathered_frac,
                     device=dev,
                 ),
             )

@@ -116,6 +116,9 @@ class ChunkStrategyConfig(_Section):
     """Bytes the host tier may hold; a placement that cannot fit stops before training."""
     keep_gathered: bool = False
     """Keep gathered chunks for the whole step (fewer gathers, ZeRO-2-like memory)."""
+    keep_gathered_frac: float = Field(0.0, ge=0.0, le=1.0)
+    """Keep only this fraction of the chunk bytes gathered (the last chunks, which backward
+    needs first); the rest is re-gathered for backward. ``keep_gathered: true`` means 1.0."""
 
     @model_validator(mode="after")
     def _param_frac_le_optim_frac(self) -> ChunkStrategyConfig:

@@ -163,6 +163,7 @@ class Chunk:
         self.grad_buffer: torch.Tensor | None = None  # full-size grads while they arrive
         self.grad_shard: torch.Tensor | None = None  # reduced, averaged fp32 grad shard
         self.optim_state: dict[str, torch.Tensor] = {}
+        self.keep_gathered = False  # stays gathered for the whole step (set by the manager)
         self.param_tier = "device"
         self.optim_tier = "device"
         self._views: list[torch.Tensor] = []

@@ -85,6 +85,9 @@ class ChunkConfig:
       order recorded in the first step) is evicted when the budget would be exceeded.
     * ``keep_gathered``: keep gathered chunks for the whole step (ZeRO-2-like memory, fewer
       gathers); they are released after ``optimizer.step()`` since the shards changed.
+      ``keep_gathered_frac`` does this for a fraction of the chunk bytes only, counted from the
+      *last* chunk: those are the first that backward needs again, so keeping them saves the
+      re-gathers that are closest together in time. ``keep_gathered=True`` is frac 1.0.
     * ``decay_filter(name, param)``: which params get decoupled weight decay; decay and no-decay
       params are packed into separate chunks so one fused call per shard has one decay value.
     """
@@ -96,6 +99,7 @@ class ChunkConfig:
     device_budget: int | None = None
     host_budget: int | None = None
     keep_gathered: bool = False
+    keep_gathered_frac: float = 0.0
     device: str | torch.device | None = None
     search_range: tuple[int, int] = (1 << 20, 1 << 26)
     search_interval: int = 1 << 18
@@ -106,7 +110,7 @@ class ChunkConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _WORKING_DTYPES:
             raise ValueError(f"dtype must be one of {_WORKING_DTYPES}, got {self.dtype}")
-        for k in ("offload_param_frac", "offload_optim_frac"):
+        for k in ("offload_param_frac", "offload_optim_frac", "keep_gathered_frac"):
             v = getattr(self, k)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{k} must be in [0, 1], got {v}")
@@ -159,7 +163,8 @@ class ChunkManager:
         self.order = AccessOrder()
         self.evictions = 0
         self.gathers = 0
-        self._cache = cfg.keep_gathered or cfg.device_budget is not None
+        # a device budget caches every gathered chunk (evicted by furthest next use)
+        self._cache_all = cfg.device_budget is not None
         self._lazy: set[Chunk] = set()
         self._flush_queued = False
         self._backward_active = False
@@ -171,6 +176,10 @@ class ChunkManager:
         self._slot_of: dict[int, tuple[Chunk, Slot]] = {
             id(s.param): (c, s) for c in self.chunks for s in c.slots
         }
+        frac = 1.0 if cfg.keep_gathered else cfg.keep_gathered_frac
+        nbytes = [c.capacity for c in reversed(self.chunks)]
+        for c, keep in zip(reversed(self.chunks), static_placement(nbytes, frac)):
+            c.keep_gathered = keep
         self._place()
         for c in self.chunks:
             self._init_storage(c)
@@ -228,6 +237,8 @@ class ChunkManager:
         needs_gather = self.world_size > 1 or self.tiers["host"].device != self.device
         if needs_gather or any(c.param_tier == "host" for c in self.chunks):
             need["device"] += work
+            kept = [c for c in self.chunks if c.keep_gathered]
+            need["device"] += sum(c.capacity for c in kept) * self.dtype.itemsize
         for t, n in need.items():
             b = self.tiers[t].budget
             if b is not None and n > b:
@@ -364,7 +375,7 @@ class ChunkManager:
             c.transition(s, c.rest_state(s))
         if c.grads_complete:
             self._reduce(c)
-            if not self._cache and c.idle and not c.payload_is_shard:
+            if not self._cached(c) and c.idle and not c.payload_is_shard:
                 self._release(c)
 
     def _backward_started(self) -> None:
@@ -419,11 +430,13 @@ class ChunkManager:
         c.resident = False
         self.tiers["device"].account("param_gathered", -c.capacity * self.dtype.itemsize)
 
+    def _cached(self, c: Chunk) -> bool:
+        """Stays gathered after use until the step ends (or a budget evicts it)."""
+        return self._cache_all or c.keep_gathered
+
     def _release_lazy(self, keep: list[Chunk]) -> None:
-        if self._cache:
-            return
         for c in list(self._lazy):
-            if c in keep:
+            if c in keep or self._cached(c):
                 continue
             self._lazy.discard(c)
             if c.resident and c.idle:
@@ -505,7 +518,7 @@ class ChunkManager:
                     s.expected = s.grad_count  # learned for the next step; 0 = unused
                 s.grad_count = 0
         for c in self.chunks:
-            if not self._cache and c.resident and c.idle:
+            if not self._cached(c) and c.resident and c.idle:
                 self._release(c)
         self._lazy.clear()
         self.order.freeze()

@@ -28,7 +28,12 @@ CHUNK = 1500  # small enough that parameters straddle chunk and shard boundaries
 PLACEMENTS = {
     "all-device": {"chunk_size": CHUNK},
     "all-host": {"chunk_size": CHUNK, "offload_param_frac": 1.0, "offload_optim_frac": 1.0},
-    "mixed": {"chunk_size": CHUNK, "offload_param_frac": 0.3, "offload_optim_frac": 0.6},
+    "mixed": {
+        "chunk_size": CHUNK,
+        "offload_param_frac": 0.3,
+        "offload_optim_frac": 0.6,
+        "keep_gathered_frac": 0.5,
+    },
 }
 
 

@@ -37,6 +37,7 @@ def world2(tmp_path_factory):
         **PLACEMENTS,
         "budget": BUDGET,
         "keep-gathered": {"chunk_size": CHUNK, "keep_gathered": True},
+        "keep-half": {"chunk_size": CHUNK, "keep_gathered_frac": 0.5},
     }
     return spawn(dist_suite, 2, out, cases, str(out), True)
 
@@ -121,7 +122,9 @@ def test_two_ranks_unused_parameter(world2):
 
 def test_two_ranks_keep_gathered(world2, reference):
     _check_same_training(world2, "keep-gathered", reference)
-    assert world2[0]["keep-gathered"]["gathers"] < world2[0]["all-device"]["gathers"]
+    _check_same_training(world2, "keep-half", reference)
+    g = {k: world2[0][k]["gathers"] for k in ("keep-gathered", "keep-half", "all-device")}
+    assert g["keep-gathered"] < g["keep-half"] < g["all-device"], g
 
 
 def test_two_ranks_per_param_norms_across_shards(world2):
