@@ -14,6 +14,7 @@ MODULES = [
     "offload.manager",
     "offload.optim",
     "offload.consolidate",
+    "offload.nvme",
 ]
 
 
