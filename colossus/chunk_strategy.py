@@ -26,6 +26,7 @@ from colossus.config import OptimConfig
 from colossus.errors import CheckpointError, ConfigError
 from colossus.strategy import Strategy
 from offload import ChunkAdamW, ChunkConfig, ChunkManager
+from offload.nvme import NvmeError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_RE = re.compile(r"chunks-rank(\d{5})-of-(\d{5})\.safetensors")
@@ -77,10 +78,14 @@ class ChunkStrategy(Strategy):
                     host_budget=None if cc.host_budget is None else int(cc.host_budget),
                     keep_gathered=cc.keep_gathered,
                     keep_gathered_frac=cc.keep_gathered_frac,
+                    nvme_dir=cc.nvme_dir,
+                    nvme_optim_frac=cc.nvme_optim_frac,
+                    nvme_prefetch=cc.nvme_prefetch,
+                    nvme_io_threads=cc.nvme_io_threads,
                     device=dev,
                 ),
             )
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, NvmeError) as e:
             raise ConfigError(f"strategy.chunk: {e}") from None
         self.model = self.engine = model
         self.skipped_steps = 0

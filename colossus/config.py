@@ -120,6 +120,17 @@ class ChunkStrategyConfig(_Section):
     """Keep only this fraction of the chunk bytes gathered (the last chunks, which backward
     needs first); the rest is re-gathered for backward. ``keep_gathered: true`` means 1.0."""
 
+    nvme_dir: str | None = None
+    """Directory (on a fast disk) for the NVMe tier; its files are removed when the run ends."""
+    nvme_optim_frac: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of chunk bytes (from the first chunk) whose AdamW state, and fp32 master where it
+    is not the working shard, live on NVMe; stepped on host through a read-ahead / write-behind
+    pipeline. Must be <= offload_optim_frac; needs nvme_dir."""
+    nvme_prefetch: int = Field(2, ge=0)
+    """Chunks whose NVMe state is read ahead while one is being updated."""
+    nvme_io_threads: int = Field(8, ge=1)
+    """I/O requests in flight (threads issuing O_DIRECT reads / writes)."""
+
     @model_validator(mode="after")
     def _param_frac_le_optim_frac(self) -> ChunkStrategyConfig:
         if self.offload_param_frac > self.offload_optim_frac:
@@ -128,6 +139,14 @@ class ChunkStrategyConfig(_Section):
                 f"{self.offload_optim_frac}: a chunk whose parameters live on host keeps its "
                 "optimizer state on host too; raise offload_optim_frac"
             )
+        if self.nvme_optim_frac > self.offload_optim_frac:
+            raise ValueError(
+                f"nvme_optim_frac={self.nvme_optim_frac} > offload_optim_frac="
+                f"{self.offload_optim_frac}: NVMe-resident optimizer state is stepped on host; "
+                "raise offload_optim_frac"
+            )
+        if self.nvme_optim_frac > 0 and not self.nvme_dir:
+            raise ValueError("nvme_optim_frac > 0 needs nvme_dir (a directory on a fast disk)")
         return self
 
 

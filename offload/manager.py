@@ -53,8 +53,10 @@ from torch import nn
 
 from .chunk import Chunk, Slot, SlotState
 from .comm import all_gather_into, reduce_scatter_sum
+from .nvme import NvmeStore
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
+from .swap import ShardSwapper
 from .tiers import AccessOrder, Tier, static_placement
 
 S = SlotState
@@ -90,6 +92,13 @@ class ChunkConfig:
       re-gathers that are closest together in time. ``keep_gathered=True`` is frac 1.0.
     * ``decay_filter(name, param)``: which params get decoupled weight decay; decay and no-decay
       params are packed into separate chunks so one fused call per shard has one decay value.
+    * ``nvme_dir`` / ``nvme_optim_frac``: the fraction of chunk bytes, from the first chunk,
+      whose optimizer state (and fp32 master, where it is not the working shard itself) lives
+      in a preallocated file under ``nvme_dir`` (see :mod:`offload.nvme`); the optimizer reads
+      it ``nvme_prefetch`` chunks ahead and writes it back behind (:mod:`offload.swap`), with
+      ``nvme_io_threads`` requests in flight. Those chunks' gradient shards and the optimizer
+      kernel stay on host; ``nvme_optim_frac <= offload_optim_frac``. The file is sized for
+      AdamW (two fp32 states per element).
     """
 
     chunk_size: int | None = None
@@ -106,11 +115,20 @@ class ChunkConfig:
     decay_filter: Callable[[str, torch.Tensor], bool] = field(default=default_decay_filter)
     init_scale: float = 2.0**16
     growth_interval: int = 2000
+    nvme_dir: str | None = None
+    nvme_optim_frac: float = 0.0
+    nvme_prefetch: int = 2
+    nvme_io_threads: int = 8
 
     def __post_init__(self) -> None:
         if self.dtype not in _WORKING_DTYPES:
             raise ValueError(f"dtype must be one of {_WORKING_DTYPES}, got {self.dtype}")
-        for k in ("offload_param_frac", "offload_optim_frac", "keep_gathered_frac"):
+        for k in (
+            "offload_param_frac",
+            "offload_optim_frac",
+            "keep_gathered_frac",
+            "nvme_optim_frac",
+        ):
             v = getattr(self, k)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{k} must be in [0, 1], got {v}")
@@ -122,6 +140,16 @@ class ChunkConfig:
             )
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {self.chunk_size}")
+        if self.nvme_optim_frac > 0 and not self.nvme_dir:
+            raise ValueError("nvme_optim_frac > 0 needs nvme_dir (a directory on a fast disk)")
+        if self.nvme_optim_frac > self.offload_optim_frac:
+            raise ValueError(
+                f"nvme_optim_frac={self.nvme_optim_frac} > offload_optim_frac="
+                f"{self.offload_optim_frac}: NVMe-resident optimizer state is stepped on host, "
+                "so those chunks must be offloaded (raise offload_optim_frac)"
+            )
+        if self.nvme_prefetch < 0 or self.nvme_io_threads < 1:
+            raise ValueError("nvme_prefetch must be >= 0 and nvme_io_threads >= 1")
 
 
 class ChunkManager:
@@ -154,6 +182,9 @@ class ChunkManager:
             "device": Tier("device", self.device, cfg.device_budget),
             "host": Tier("host", torch.device("cpu"), cfg.host_budget),
         }
+        if cfg.nvme_optim_frac > 0:
+            self.tiers["nvme"] = Tier("nvme", torch.device("cpu"))
+        self.swapper: ShardSwapper | None = None
         self.dtype = cfg.dtype
         self.scaler = (
             DynamicLossScaler(cfg.init_scale, growth_interval=cfg.growth_interval)
@@ -218,27 +249,50 @@ class ChunkManager:
             for i, (_, ps, cap, req, decay) in enumerate(specs)
         ]
 
+    def _otier(self, c: Chunk) -> Tier:
+        """Tier of the in-memory optimizer-side tensors (grad shard, master): host for NVMe."""
+        return self.tiers["host" if c.optim_tier == "nvme" else c.optim_tier]
+
+    def _separate_master(self, c: Chunk) -> bool:
+        # fp32 working shard in the same memory as the optimizer: it *is* the master (no copy)
+        return self.dtype != torch.float32 or self.tiers[c.param_tier].device != (
+            self._otier(c).device
+        )
+
     def _place(self) -> None:
+        cfg = self.config
         nbytes = [c.capacity * self.dtype.itemsize for c in self.chunks]
-        p_off = static_placement(nbytes, self.config.offload_param_frac)
-        o_off = static_placement(nbytes, self.config.offload_optim_frac)
-        for c, po, oo in zip(self.chunks, p_off, o_off):
+        p_off = static_placement(nbytes, cfg.offload_param_frac)
+        o_off = static_placement(nbytes, cfg.offload_optim_frac)
+        n_off = static_placement(nbytes, cfg.nvme_optim_frac)
+        for c, po, oo, no in zip(self.chunks, p_off, o_off, n_off):
             c.param_tier = "host" if po else "device"
-            c.optim_tier = "host" if oo else "device"
+            c.optim_tier = "nvme" if no and c.requires_grad else ("host" if oo else "device")
         # model state per tier (Adam: 2 fp32 state tensors) must fit before any work starts
-        need = {"device": 0, "host": 0}
+        need = {t: 0 for t in self.tiers}
+        max_nvme_shard = 0
         for c in self.chunks:
             n, w = c.shard_size, self.dtype.itemsize
             need[c.param_tier] += n * w
             if c.requires_grad:
-                separate_master = self.dtype != torch.float32 or c.param_tier != c.optim_tier
-                need[c.optim_tier] += n * 4 * (3 + int(separate_master))  # grad, m, v (+master)
+                sep = int(self._separate_master(c))
+                need[self._otier(c).name] += n * 4  # reduced gradient shard
+                need[c.optim_tier] += n * 4 * (2 + sep)  # m, v (+ master)
+                if c.optim_tier == "nvme":
+                    max_nvme_shard = max(max_nvme_shard, n)
+                    need["nvme"] += 4096 * (2 + sep)  # extents are block-aligned
+        if max_nvme_shard:  # the swap pipeline's buffer sets: depth + 2 sets of (m, v, master)
+            need["host"] += (cfg.nvme_prefetch + 2) * 3 * max_nvme_shard * 4
         work = max(c.capacity for c in self.chunks) * self.dtype.itemsize * 2  # payload + grads
         needs_gather = self.world_size > 1 or self.tiers["host"].device != self.device
         if needs_gather or any(c.param_tier == "host" for c in self.chunks):
             need["device"] += work
             kept = [c for c in self.chunks if c.keep_gathered]
             need["device"] += sum(c.capacity for c in kept) * self.dtype.itemsize
+        self.nvme_bytes = need.pop("nvme", 0)
+        if self.nvme_bytes:
+            store = NvmeStore(cfg.nvme_dir, self.nvme_bytes, io_threads=cfg.nvme_io_threads)
+            self.swapper = ShardSwapper(store, max_nvme_shard, cfg.nvme_prefetch)
         for t, n in need.items():
             b = self.tiers[t].budget
             if b is not None and n > b:
@@ -262,14 +316,18 @@ class ChunkManager:
             flat[s.offset : s.offset + s.numel].copy_(s.param.data.reshape(-1))
             s.param.data = self._placeholder(self.dtype)  # drop the original storage
         mine = flat[c.shard_begin : c.shard_begin + c.shard_size]
-        pt, ot = self.tiers[c.param_tier], self.tiers[c.optim_tier]
-        if c.requires_grad or self.dtype == torch.float32:
-            c.master = ot.put(mine.clone()) if c.requires_grad else None
-        if c.master is not None and self.dtype == torch.float32 and pt is ot:
-            c.shard = c.master  # fp32, same tier: the working shard is the master (no copy)
+        pt, ot = self.tiers[c.param_tier], self._otier(c)
+        if c.requires_grad and not self._separate_master(c):
+            c.master = c.shard = pt.put(mine.clone())  # fp32, same memory: shard is the master
         else:
             c.shard = pt.put(mine.to(self.dtype).clone())
-            if c.master is not None:
+            if c.requires_grad and c.optim_tier == "nvme":
+                assert self.swapper is not None
+                self.swapper.register(c, ["master"])
+                self.swapper.write_now(c, "master", mine)
+                self.tiers["nvme"].account("master", mine.nbytes)
+            elif c.requires_grad:
+                c.master = ot.put(mine.clone())
                 ot.account("master", c.master.nbytes)
         pt.account("param_shard", c.shard.nbytes)
         del flat, mine
@@ -474,7 +532,7 @@ class ChunkManager:
             reduce_scatter_sum(out, buf, self.group)
         else:
             out = buf
-        ot = self.tiers[c.optim_tier]
+        ot = self._otier(c)
         g = ot.put(out.float())  # no copy when already fp32 on that tier
         if n > 1 and self.dtype != torch.float16:
             g.div_(n)
@@ -623,7 +681,7 @@ class ChunkManager:
     def zero_grad(self) -> None:
         for c in self.chunks:
             if c.grad_shard is not None:
-                self.tiers[c.optim_tier].account("grad_shard", -c.grad_shard.nbytes)
+                self._otier(c).account("grad_shard", -c.grad_shard.nbytes)
                 c.grad_shard = None
             for s in c.slots:
                 s.has_grad = False
@@ -631,15 +689,56 @@ class ChunkManager:
         self._found_inf = None
 
     def alloc_state(self, c: Chunk, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Zero-filled optimizer state for chunk ``c``'s shard, on its optimizer tier, accounted."""
+        """Zero-filled optimizer state for chunk ``c``'s shard, on its optimizer tier, accounted.
+
+        For an NVMe chunk the state must have been declared (:meth:`declare_state`) and the
+        chunk be resident (inside :meth:`optim_pass`); scalars (``step``) stay on host."""
         if name not in c.optim_state:
+            if c.optim_tier == "nvme" and name != "step":
+                raise RuntimeError(
+                    f"chunk {c.index}: optimizer state {name!r} lives on NVMe and is not resident; "
+                    "declare it (mgr.declare_state) and update inside mgr.optim_pass()"
+                )
             n = 1 if name == "step" else c.shard_size
-            t = self.tiers[c.optim_tier].zeros(n, dtype)
+            tier = self._otier(c)
+            t = tier.zeros(n, dtype)
             if name == "step":
                 t = t.reshape(())
             c.optim_state[name] = t
-            self.tiers[c.optim_tier].account("optim_state", t.nbytes)
+            tier.account("optim_state", t.nbytes)
         return c.optim_state[name]
+
+    def declare_state(self, names: tuple[str, ...]) -> None:
+        """The optimizer's per-element fp32 state tensors: NVMe chunks get a home for each."""
+        if self.swapper is None:
+            return
+        if len(names) > 2:
+            raise ValueError(f"the NVMe tier is sized for 2 optimizer states (AdamW), got {names}")
+        for c in self.chunks:
+            if c.optim_tier == "nvme":
+                before = self.swapper.nbytes(c)
+                self.swapper.register(c, names)
+                self.tiers["nvme"].account("optim_state", self.swapper.nbytes(c) - before)
+
+    def optim_pass(self, chunks=None, write_back: bool = True, keys=None) -> Iterator[Chunk]:
+        """Visit ``chunks`` (default: all, in order) with their master and optimizer state
+        (or just ``keys``) resident: NVMe-resident state is read ahead and, with
+        ``write_back``, written back behind (an updated NVMe master is copied into the working
+        shard first)."""
+        chunks = self.chunks if chunks is None else chunks
+        if self.swapper is None:
+            yield from chunks
+            return
+        yield from self.swapper.iter_resident(
+            chunks, write_back, before_write=self._sync_shard, keys=keys
+        )
+        host = self.tiers["host"]
+        host.account("staging", self.swapper.buffer_bytes() - host.bytes["staging"])
+
+    @torch.no_grad()
+    def _sync_shard(self, c: Chunk) -> None:
+        if c.master is not None and c.shard is not c.master:
+            c.shard.copy_(c.master)
 
     @torch.no_grad()
     def per_param_sq_norms(self, which: str = "grad") -> dict[str, torch.Tensor]:
@@ -652,7 +751,10 @@ class ChunkManager:
         names = [s.name for c in self.chunks if c.requires_grad for s in c.slots]
         index = {n: i for i, n in enumerate(names)}
         acc = torch.zeros(len(names), dtype=torch.float64, device=self.device)
-        for c in self.chunks:
+        chunks = (
+            self.optim_pass(write_back=False, keys=["master"]) if which == "param" else self.chunks
+        )
+        for c in chunks:
             t = c.master if which == "param" else c.grad_shard
             if not c.requires_grad or t is None:
                 continue
@@ -703,7 +805,7 @@ class ChunkManager:
             "dtype": str(self.dtype),
             "chunks": [],
         }
-        for c in self.chunks:
+        for c in self.optim_pass(write_back=False):
             k = f"chunk{c.index:05d}"
             segs = c.segments
             meta["chunks"].append(
@@ -750,7 +852,10 @@ class ChunkManager:
                     f"chunk {c.index} layout differs: saved capacity {m['capacity']} with "
                     f"{m['names']}, current {c.capacity} with {names} (chunk_size or model changed)"
                 )
-        for c in self.chunks:
+        self.declare_state(
+            tuple(sorted({k.split(".optim.")[1] for k in sd if ".optim." in k} - {"step"}))
+        )
+        for c in self.optim_pass(write_back=True):
             k = f"chunk{c.index:05d}"
             if c.master is not None:
                 c.master.copy_(sd[f"{k}.master"])
@@ -771,7 +876,7 @@ class ChunkManager:
         """Yield ``(name, full fp32 tensor)`` for every parameter, one chunk gathered at a time
         (never the whole model). Collective: every rank must exhaust the generator. Tied
         weights are yielded once, under their first name (like ``named_parameters()``)."""
-        for c in self.chunks:
+        for c in self.optim_pass(write_back=False, keys=["master"]):
             src = c.master if c.master is not None else c.shard.float()
             src = self.tiers["device"].put(src)
             if self.world_size > 1:

@@ -28,28 +28,37 @@ from .manager import ChunkManager
 
 
 class ChunkOptimizer(torch.optim.Optimizer):
-    """Base: param groups ``decay`` / ``no_decay`` over the master shards, so torch LR schedulers
-    work unchanged (they set ``group["lr"]``)."""
+    """Base: param groups ``decay`` / ``no_decay``, so torch LR schedulers work unchanged (they
+    set ``group["lr"]``). A group's params are one empty token tensor per chunk: the shards
+    themselves may live on NVMe between steps. Subclasses list their per-element fp32 state
+    tensors in ``state_keys`` (so NVMe chunks get a home for them)."""
+
+    state_keys: tuple[str, ...] = ()
 
     def __init__(self, mgr: ChunkManager, defaults: dict[str, Any]) -> None:
         self.mgr = mgr
-        self._chunk_of: dict[int, Chunk] = {}
+        self._tokens: dict[int, torch.Tensor] = {}
         groups: list[dict[str, Any]] = []
         for decay in (True, False):
-            masters = []
+            tokens = []
             for c in mgr.chunks:
                 if c.requires_grad and c.decay == decay:
-                    assert c.master is not None
-                    masters.append(c.master)
-                    self._chunk_of[id(c.master)] = c
-            if masters:
-                g: dict[str, Any] = {"params": masters, "name": "decay" if decay else "no_decay"}
+                    tokens.append(self._tokens.setdefault(c.index, torch.empty(0)))
+            if tokens:
+                g: dict[str, Any] = {"params": tokens, "name": "decay" if decay else "no_decay"}
                 if not decay:
                     g["weight_decay"] = 0.0
                 groups.append(g)
         if not groups:
             raise ValueError("the manager has no trainable chunks")
         super().__init__(groups, defaults)
+        self._group_of = {
+            c.index: g
+            for g in self.param_groups
+            for c in mgr.chunks
+            if c.index in self._tokens and any(t is self._tokens[c.index] for t in g["params"])
+        }
+        mgr.declare_state(self.state_keys)
 
     def update_shard(self, c: Chunk, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -67,15 +76,13 @@ class ChunkOptimizer(torch.optim.Optimizer):
             if found:
                 mgr.after_step()
                 return False
-        for group in self.param_groups:
-            for m in group["params"]:
-                c = self._chunk_of[id(m)]
-                if c.grad_shard is None:
-                    continue  # no gradient reached this chunk (like torch: no update)
-                unused = [g for g in c.segments if not self._slot(c, g.name).has_grad]
-                saved = self._save(c, unused)
-                self.update_shard(c, group)
-                self._restore(c, unused, saved)
+        # chunks without a gradient (like torch: no update) are not even swapped in
+        todo = [c for c in mgr.chunks if c.index in self._group_of and c.grad_shard is not None]
+        for c in mgr.optim_pass(todo):  # NVMe state read ahead / written behind
+            unused = [g for g in c.segments if not self._slot(c, g.name).has_grad]
+            saved = self._save(c, unused)
+            self.update_shard(c, self._group_of[c.index])
+            self._restore(c, unused, saved)
         mgr.after_step()
         return True
 
@@ -120,6 +127,8 @@ class ChunkAdamW(ChunkOptimizer):
         weight_decay: float = 1e-2,
     ) -> None:
         super().__init__(mgr, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    state_keys = ("exp_avg", "exp_avg_sq")
 
     def update_shard(self, c: Chunk, group: dict[str, Any]) -> None:
         m = c.master

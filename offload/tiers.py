@@ -34,6 +34,7 @@ CATEGORIES: tuple[str, ...] = (
     "grad_shard",  # reduced, averaged fp32 gradient shards
     "master",  # fp32 master shards when they are not the working shard itself
     "optim_state",  # optimizer state (Adam: exp_avg, exp_avg_sq, step)
+    "staging",  # host buffers of the NVMe swap pipeline
 )
 MODEL_STATE = ("param_shard", "grad_shard", "master", "optim_state")
 

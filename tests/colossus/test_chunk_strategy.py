@@ -242,3 +242,19 @@ def test_fp16_chunks_scale_the_loss(tmp_path):
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["mem_loss_scale"] > 0 and "mem_skipped_steps" in rec
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in t.history)
+
+
+def test_optimizer_state_on_nvme(tmp_path, reference):
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    chunk = PLACEMENTS["all-host"] | {"nvme_optim_frac": 1.0, "nvme_dir": str(nvme)}
+    t = Trainer(tiny_gpt2(), config(tmp_path / "run", chunk), train_dataset=token_blocks())
+    t.train()
+    check_same_training(
+        [r["loss"] for r in t.history], t.strategy.full_state_dict(), reference, "nvme"
+    )
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["mem_nvme_gib"] > 0
+    missing = chunk | {"nvme_dir": str(tmp_path / "absent")}
+    with pytest.raises(ConfigError, match="does not exist"):
+        Trainer(tiny_gpt2(), config(tmp_path / "run2", missing), train_dataset=token_blocks())

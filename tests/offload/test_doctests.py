@@ -15,6 +15,7 @@ MODULES = [
     "offload.optim",
     "offload.consolidate",
     "offload.nvme",
+    "offload.swap",
 ]
 
 

@@ -1,0 +1,127 @@
+"""Optimizer state (and separate fp32 masters) on the NVMe tier: the same training as plain
+PyTorch (fp32: losses within 1e-5, parameters within 1e-5 but the key-bias noise, see
+conftest.key_bias_mask), the bytes each tier holds, the bytes the pipeline moves, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from offload_helpers import STEPS, assert_params_close, chunk_run, reference_run, spawn
+
+from offload import ChunkConfig
+from offload.nvme import round_up
+
+CHUNK = 1500
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_run()
+
+
+def nvme_cfg(path, **kw) -> dict:
+    base = {
+        "chunk_size": CHUNK,
+        "offload_optim_frac": 1.0,
+        "nvme_optim_frac": 1.0,
+        "nvme_dir": str(path),
+    }
+    return base | kw
+
+
+CASES = {
+    "optim-on-nvme": {},
+    "params-on-host": {"offload_param_frac": 1.0},
+    "half-on-nvme": {"nvme_optim_frac": 0.5},
+    "no-prefetch": {"nvme_prefetch": 0, "nvme_io_threads": 1},
+    "deep-prefetch": {"nvme_prefetch": 4},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_pytorch(tmp_path, reference, case):
+    ref_losses, ref_params = reference
+    res = chunk_run(ChunkConfig(**nvme_cfg(tmp_path, **CASES[case])))
+    assert max(abs(a - b) for a, b in zip(ref_losses, res["losses"])) <= 1e-5
+    assert_params_close(ref_params, res["params"])
+    mgr = res["mgr"]
+    on_nvme = [c for c in mgr.chunks if c.optim_tier == "nvme"]
+    assert on_nvme and all(not c.optim_state.keys() - {"step"} for c in on_nvme)  # not in RAM
+    if case == "half-on-nvme":
+        assert len(on_nvme) < sum(c.requires_grad for c in mgr.chunks)
+    # the file really holds the state: Adam's m and v, 4 B each per shard element
+    rep = mgr.memory_report()
+    assert rep["nvme"]["optim_state"] == sum(2 * round_up(4 * c.shard_size) for c in on_nvme)
+    host_state = rep["host"]["optim_state"] + rep["device"]["optim_state"]
+    assert host_state == 4 * len(mgr.chunks) + sum(
+        8 * c.shard_size for c in mgr.chunks if c.requires_grad and c.optim_tier != "nvme"
+    )  # only the step counters and the chunks kept in RAM
+    # every step reads each NVMe shard's m and v once and writes them once
+    per_step = sum(mgr.swapper.nbytes(c) for c in on_nvme)
+    assert mgr.swapper.store.bytes_written >= STEPS * per_step
+    assert mgr.swapper.store.bytes_read == (STEPS - 1) * per_step  # step 1 starts from zeros
+    mgr.swapper.close()
+
+
+def test_bf16_master_on_nvme_is_bit_identical_to_in_memory(tmp_path):
+    """The fp32 master of a bf16 chunk lives on NVMe; the math must not change at all."""
+    base = {"chunk_size": CHUNK, "dtype": torch.bfloat16, "offload_optim_frac": 1.0}
+    mem = chunk_run(ChunkConfig(**base), steps=8)
+    nv = chunk_run(ChunkConfig(**base, nvme_optim_frac=1.0, nvme_dir=str(tmp_path)), steps=8)
+    assert mem["losses"] == nv["losses"]
+    for n, p in mem["params"].items():
+        assert torch.equal(p, nv["params"][n]), n
+    mgr = nv["mgr"]
+    assert all(c.master is None for c in mgr.chunks)  # masters are on disk between steps
+    assert mgr.memory_report()["nvme"]["master"] >= sum(4 * c.shard_size for c in mgr.chunks)
+
+
+def test_state_dict_round_trip_through_nvme(tmp_path, reference):
+    ref_losses, ref_params = reference
+    cfg = ChunkConfig(**nvme_cfg(tmp_path))
+    half = STEPS // 2
+    first = chunk_run(cfg, steps=half)
+    sd = first["mgr"].state_dict_shard()
+    assert any(k.endswith(".optim.exp_avg") for k in sd)
+    from offload_helpers import LR, WD, tiny_gpt2
+
+    from offload import ChunkAdamW, ChunkManager
+
+    mgr = ChunkManager(tiny_gpt2(seed=5), cfg)
+    opt = ChunkAdamW(mgr, lr=LR, weight_decay=WD)
+    mgr.load_state_dict_shard(sd)
+    second = chunk_run(cfg, steps=STEPS - half, start=half, mgr=mgr, opt=opt)
+    losses = first["losses"] + second["losses"]
+    assert max(abs(a - b) for a, b in zip(ref_losses, losses)) <= 1e-5
+    assert_params_close(ref_params, second["params"])
+
+
+def test_nvme_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="needs nvme_dir"):
+        ChunkConfig(offload_optim_frac=1.0, nvme_optim_frac=0.5)
+    with pytest.raises(ValueError, match="raise offload_optim_frac"):
+        ChunkConfig(nvme_optim_frac=0.5, nvme_dir=str(tmp_path))
+    from offload_helpers import tiny_gpt2
+
+    from offload import ChunkManager
+    from offload.nvme import NvmeError
+
+    with pytest.raises(NvmeError, match="does not exist"):
+        ChunkManager(tiny_gpt2(), ChunkConfig(**nvme_cfg(tmp_path / "nope")))
+
+
+def _two_rank_body(path: str):
+    res = chunk_run(ChunkConfig(**nvme_cfg(path + f"/r{torch.distributed.get_rank()}")))
+    res["mgr"].swapper.close()
+    return {"losses": res["losses"], "params": res["params"]}
+
+
+@pytest.mark.slow
+def test_two_ranks_match_pytorch(tmp_path, reference):
+    ref_losses, ref_params = reference
+    for r in range(2):
+        (tmp_path / f"r{r}").mkdir()
+    for rank, res in enumerate(spawn(_two_rank_body, 2, tmp_path / "out", str(tmp_path))):
+        assert max(abs(a - b) for a, b in zip(ref_losses, res["losses"])) <= 1e-5, rank
+        assert_params_close(ref_params, res["params"])
+    assert list(tmp_path.glob("r*/colossus-nvme-*")) == []  # files removed
