@@ -163,6 +163,8 @@ class Chunk:
         self.grad_buffer: torch.Tensor | None = None  # full-size grads while they arrive
         self.grad_shard: torch.Tensor | None = None  # reduced, averaged fp32 grad shard
         self.optim_state: dict[str, torch.Tensor] = {}
+        self.grad_sq = 0.0  # squared norm of a gradient shard written to NVMe
+        self.grad_coef = 1.0  # clipping factor to apply when that shard is read back
         self.keep_gathered = False  # stays gathered for the whole step (set by the manager)
         self.param_tier = "device"
         self.optim_tier = "device"

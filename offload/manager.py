@@ -56,7 +56,7 @@ from .comm import all_gather_into, reduce_scatter_sum
 from .nvme import NvmeStore
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
-from .swap import ShardSwapper
+from .swap import ParamFetcher, ShardSwapper
 from .tiers import AccessOrder, Tier, static_placement
 
 S = SlotState
@@ -99,6 +99,11 @@ class ChunkConfig:
       ``nvme_io_threads`` requests in flight. Those chunks' gradient shards and the optimizer
       kernel stay on host; ``nvme_optim_frac <= offload_optim_frac``. The file is sized for
       AdamW (two fp32 states per element).
+    * ``nvme_param_frac`` (ZeRO-Infinity): the fraction of chunk bytes whose parameter shard
+      (fp32: it is the master) and gradient shard live on NVMe too; their shards are read
+      ``nvme_prefetch`` chunks ahead of use in forward and backward (by the access order
+      recorded in the first step) and gradients are written out as backward produces them.
+      ``nvme_param_frac <= nvme_optim_frac``; fp32 working dtype.
     """
 
     chunk_size: int | None = None
@@ -117,6 +122,7 @@ class ChunkConfig:
     growth_interval: int = 2000
     nvme_dir: str | None = None
     nvme_optim_frac: float = 0.0
+    nvme_param_frac: float = 0.0
     nvme_prefetch: int = 2
     nvme_io_threads: int = 8
 
@@ -128,6 +134,7 @@ class ChunkConfig:
             "offload_optim_frac",
             "keep_gathered_frac",
             "nvme_optim_frac",
+            "nvme_param_frac",
         ):
             v = getattr(self, k)
             if not 0.0 <= v <= 1.0:
@@ -147,6 +154,15 @@ class ChunkConfig:
                 f"nvme_optim_frac={self.nvme_optim_frac} > offload_optim_frac="
                 f"{self.offload_optim_frac}: NVMe-resident optimizer state is stepped on host, "
                 "so those chunks must be offloaded (raise offload_optim_frac)"
+            )
+        if self.nvme_param_frac > self.nvme_optim_frac:
+            raise ValueError(
+                f"nvme_param_frac={self.nvme_param_frac} > nvme_optim_frac={self.nvme_optim_frac}"
+                ": a chunk whose parameters live on NVMe keeps its optimizer state there too"
+            )
+        if self.nvme_param_frac > 0 and self.dtype != torch.float32:
+            raise ValueError(
+                "nvme_param_frac needs the fp32 working dtype (the shard is the master)"
             )
         if self.nvme_prefetch < 0 or self.nvme_io_threads < 1:
             raise ValueError("nvme_prefetch must be >= 0 and nvme_io_threads >= 1")
@@ -185,6 +201,7 @@ class ChunkManager:
         if cfg.nvme_optim_frac > 0:
             self.tiers["nvme"] = Tier("nvme", torch.device("cpu"))
         self.swapper: ShardSwapper | None = None
+        self.fetcher: ParamFetcher | None = None
         self.dtype = cfg.dtype
         self.scaler = (
             DynamicLossScaler(cfg.init_scale, growth_interval=cfg.growth_interval)
@@ -265,9 +282,12 @@ class ChunkManager:
         p_off = static_placement(nbytes, cfg.offload_param_frac)
         o_off = static_placement(nbytes, cfg.offload_optim_frac)
         n_off = static_placement(nbytes, cfg.nvme_optim_frac)
-        for c, po, oo, no in zip(self.chunks, p_off, o_off, n_off):
+        v_off = static_placement(nbytes, cfg.nvme_param_frac)
+        for c, po, oo, no, vo in zip(self.chunks, p_off, o_off, n_off, v_off):
             c.param_tier = "host" if po else "device"
             c.optim_tier = "nvme" if no and c.requires_grad else ("host" if oo else "device")
+            if vo and c.requires_grad:
+                c.param_tier = "nvme"
         # model state per tier (Adam: 2 fp32 state tensors) must fit before any work starts
         need = {t: 0 for t in self.tiers}
         max_nvme_shard = 0
@@ -276,16 +296,20 @@ class ChunkManager:
             need[c.param_tier] += n * w
             if c.requires_grad:
                 sep = int(self._separate_master(c))
-                need[self._otier(c).name] += n * 4  # reduced gradient shard
+                grad_tier = "nvme" if c.param_tier == "nvme" else self._otier(c).name
+                need[grad_tier] += n * 4  # reduced gradient shard
                 need[c.optim_tier] += n * 4 * (2 + sep)  # m, v (+ master)
                 if c.optim_tier == "nvme":
                     max_nvme_shard = max(max_nvme_shard, n)
-                    need["nvme"] += 4096 * (2 + sep)  # extents are block-aligned
-        if max_nvme_shard:  # the swap pipeline's buffer sets: depth + 2 sets of (m, v, master)
-            need["host"] += (cfg.nvme_prefetch + 2) * 3 * max_nvme_shard * 4
+                    need["nvme"] += 4096 * 5  # extents are block-aligned
+        if max_nvme_shard:  # the swap pipeline's buffer sets: depth + 2 sets of (m, v, master,
+            # grad), the parameter read-ahead buffers and the gradient write-behind buffers
+            need["host"] += (cfg.nvme_prefetch + 2) * 4 * max_nvme_shard * 4
+            if any(c.param_tier == "nvme" for c in self.chunks):
+                need["host"] += (cfg.nvme_prefetch + 1 + 4) * max_nvme_shard * 4
         work = max(c.capacity for c in self.chunks) * self.dtype.itemsize * 2  # payload + grads
         needs_gather = self.world_size > 1 or self.tiers["host"].device != self.device
-        if needs_gather or any(c.param_tier == "host" for c in self.chunks):
+        if needs_gather or any(c.param_tier != "device" for c in self.chunks):
             need["device"] += work
             kept = [c for c in self.chunks if c.keep_gathered]
             need["device"] += sum(c.capacity for c in kept) * self.dtype.itemsize
@@ -293,6 +317,8 @@ class ChunkManager:
         if self.nvme_bytes:
             store = NvmeStore(cfg.nvme_dir, self.nvme_bytes, io_threads=cfg.nvme_io_threads)
             self.swapper = ShardSwapper(store, max_nvme_shard, cfg.nvme_prefetch)
+            if any(c.param_tier == "nvme" for c in self.chunks):
+                self.fetcher = ParamFetcher(self.swapper, cfg.nvme_prefetch)
         for t, n in need.items():
             b = self.tiers[t].budget
             if b is not None and n > b:
@@ -317,6 +343,16 @@ class ChunkManager:
             s.param.data = self._placeholder(self.dtype)  # drop the original storage
         mine = flat[c.shard_begin : c.shard_begin + c.shard_size]
         pt, ot = self.tiers[c.param_tier], self._otier(c)
+        if c.param_tier == "nvme":  # the fp32 shard is the master; it and the grad live on disk
+            assert self.swapper is not None
+            self.swapper.register(c, ["master", "grad"])
+            self.swapper.write_now(c, "master", mine)
+            pt.account("param_shard", self.swapper.extents[(c.index, "master")].nbytes)
+            pt.account("grad_shard", self.swapper.extents[(c.index, "grad")].nbytes)
+            c.shard = c.master = None
+            del flat, mine
+            c.unbind(self._placeholder(self.dtype))
+            return
         if c.requires_grad and not self._separate_master(c):
             c.master = c.shard = pt.put(mine.clone())  # fp32, same memory: shard is the master
         else:
@@ -461,18 +497,55 @@ class ChunkManager:
                 c.payload = torch.empty(c.capacity, dtype=self.dtype, device=self.device)
             else:  # same storage as before: views saved by autograd see the new data
                 c.payload.untyped_storage().resize_(nbytes)
-            src = self.tiers["device"].put(c.shard)  # host -> device copy on a GPU, else none
+            staged = None
+            if c.param_tier == "nvme":
+                staged = self._fetch_nvme_shard(c)
+                src = self.tiers["device"].put(staged[: c.shard_size])
+            else:  # host -> device copy on a GPU, else none
+                src = self.tiers["device"].put(c.shard)
             with _preserve_version(c.payload):
                 if self.world_size > 1:
                     all_gather_into(c.payload, src, self.group)
                 else:
                     c.payload.copy_(src)
+            if staged is not None:
+                self.fetcher.give(staged)
         self.tiers["device"].account("param_gathered", nbytes)
         self.gathers += 1
         c.resident = True
         c.bind()
         for s in c.slots:
             c.transition(s, S.HOLD)
+
+    def _fetch_nvme_shard(self, c: Chunk) -> torch.Tensor:
+        """``c``'s shard from NVMe (prefetched if predicted), then start the next reads: along
+        the recorded access order once it is known, else by chunk index (forward ascends,
+        backward descends)."""
+        assert self.fetcher is not None
+        buf = self.fetcher.take(c)
+        for nxt in self._upcoming(c):
+            self.fetcher.prefetch(nxt)
+        return buf
+
+    def _upcoming(self, c: Chunk) -> list[Chunk]:
+        want = self.fetcher.depth if self.fetcher is not None else 0
+        out: list[Chunk] = []
+        if self.order.frozen:
+            seq, pos = self.order.sequence, self.order.position
+            for i in range(pos, pos + len(seq)):
+                nxt = self.chunks[seq[i % len(seq)]]
+                if len(out) >= want:
+                    break
+                if nxt.param_tier == "nvme" and not nxt.resident and nxt not in out:
+                    out.append(nxt)
+            return out
+        step = -1 if self._backward_active else 1
+        i = c.index + step
+        while 0 <= i < len(self.chunks) and len(out) < want:
+            if self.chunks[i].param_tier == "nvme" and not self.chunks[i].resident:
+                out.append(self.chunks[i])
+            i += step
+        return out
 
     def _release(self, c: Chunk) -> None:
         if c.payload_is_shard or not c.resident:
@@ -536,7 +609,9 @@ class ChunkManager:
         g = ot.put(out.float())  # no copy when already fp32 on that tier
         if n > 1 and self.dtype != torch.float16:
             g.div_(n)
-        if c.grad_shard is None:
+        if c.param_tier == "nvme":
+            self._write_nvme_grad(c, g)
+        elif c.grad_shard is None:
             c.grad_shard = g  # one rank, fp32, same tier: the buffer itself, no copy
             ot.account("grad_shard", c.grad_shard.nbytes)
         else:
@@ -548,6 +623,19 @@ class ChunkManager:
                 s.pending = False
                 if s.state is S.READY_FOR_REDUCE:
                     c.transition(s, S.HOLD)
+
+    def _write_nvme_grad(self, c: Chunk, g: torch.Tensor) -> None:
+        """Gradient shard of an NVMe chunk: accumulated with what earlier micro-batches wrote,
+        its squared norm kept for clipping, and written out in the background."""
+        sw = self.swapper
+        assert sw is not None
+        if sw.valid(c, "grad"):  # gradient accumulation: read, add, write back
+            old = sw.store.empty(c.shard_size, torch.float32)
+            sw.read_async(c, "grad", old).result()
+            g = g + old
+        c.grad_sq = float(g.double().pow(2).sum())
+        c.grad_coef = 1.0
+        sw.write_async(c, "grad", g, max_pending=self.config.nvme_prefetch + 2)
 
     def finish_backward(self) -> None:
         """Reduce everything still pending (unused params, partial chunks), unpin, release.
@@ -638,6 +726,8 @@ class ChunkManager:
         for c in self.chunks:
             if c.grad_shard is not None:
                 sq += self.tiers["device"].put(c.grad_shard.pow(2).sum())
+            elif self._nvme_grad(c):  # norm taken when it was written; scaled when read back
+                sq += c.grad_sq
         total = self._all_reduce(sq).sqrt()
         if not torch.isfinite(total):
             self._found_inf = True
@@ -650,6 +740,8 @@ class ChunkManager:
         for c in self.chunks:
             if c.grad_shard is not None:
                 c.grad_shard.mul_(coef.to(c.grad_shard.device))
+            elif self._nvme_grad(c):
+                c.grad_coef *= float(coef)
         return total
 
     def found_inf(self) -> bool:
@@ -678,8 +770,17 @@ class ChunkManager:
         self._grads_prepared = False
         self._found_inf = None
 
+    def _nvme_grad(self, c: Chunk) -> bool:
+        """``c``'s gradient shard is on NVMe (and was written since the last zero_grad)."""
+        return c.param_tier == "nvme" and self.swapper is not None and self.swapper.valid(c, "grad")
+
+    def has_grad(self, c: Chunk) -> bool:
+        return c.grad_shard is not None or self._nvme_grad(c)
+
     def zero_grad(self) -> None:
         for c in self.chunks:
+            if c.param_tier == "nvme" and self.swapper is not None:
+                self.swapper.invalidate(c, "grad")
             if c.grad_shard is not None:
                 self._otier(c).account("grad_shard", -c.grad_shard.nbytes)
                 c.grad_shard = None
@@ -729,16 +830,29 @@ class ChunkManager:
         if self.swapper is None:
             yield from chunks
             return
+        if write_back and self.fetcher is not None:
+            self.fetcher.drain()  # no read of a shard may overlap its update
+        self.swapper.settle_all()
         yield from self.swapper.iter_resident(
-            chunks, write_back, before_write=self._sync_shard, keys=keys
+            chunks,
+            write_back,
+            on_resident=self._scale_nvme_grad,
+            before_write=self._sync_shard,
+            keys=keys,
         )
         host = self.tiers["host"]
-        host.account("staging", self.swapper.buffer_bytes() - host.bytes["staging"])
+        staging = self.swapper.buffer_bytes() + (self.fetcher.buffer_bytes() if self.fetcher else 0)
+        host.account("staging", staging - host.bytes["staging"])
 
     @torch.no_grad()
     def _sync_shard(self, c: Chunk) -> None:
-        if c.master is not None and c.shard is not c.master:
+        if c.master is not None and c.shard is not None and c.shard is not c.master:
             c.shard.copy_(c.master)
+
+    @torch.no_grad()
+    def _scale_nvme_grad(self, c: Chunk) -> None:
+        if c.param_tier == "nvme" and c.grad_shard is not None and c.grad_coef != 1.0:
+            c.grad_shard.mul_(c.grad_coef)
 
     @torch.no_grad()
     def per_param_sq_norms(self, which: str = "grad") -> dict[str, torch.Tensor]:
@@ -859,7 +973,7 @@ class ChunkManager:
             k = f"chunk{c.index:05d}"
             if c.master is not None:
                 c.master.copy_(sd[f"{k}.master"])
-            if c.shard is not c.master:
+            if c.shard is not None and c.shard is not c.master:
                 c.shard.copy_(sd[f"{k}.master"])  # working copy (cast to the working dtype)
             for key, t in sd.items():
                 if key.startswith(f"{k}.optim."):

@@ -77,7 +77,7 @@ class ChunkOptimizer(torch.optim.Optimizer):
                 mgr.after_step()
                 return False
         # chunks without a gradient (like torch: no update) are not even swapped in
-        todo = [c for c in mgr.chunks if c.index in self._group_of and c.grad_shard is not None]
+        todo = [c for c in mgr.chunks if c.index in self._group_of and mgr.has_grad(c)]
         for c in mgr.optim_pass(todo):  # NVMe state read ahead / written behind
             unused = [g for g in c.segments if not self._slot(c, g.name).has_grad]
             saved = self._save(c, unused)

@@ -41,15 +41,25 @@ import torch
 
 from .nvme import Extent, NvmeStore
 
+READ_ONLY = frozenset({"grad"})
+"""Keys the optimizer pass reads but never writes back (the gradient is consumed, not updated)."""
+
 
 def _bind(c: Any, key: str, t: torch.Tensor | None) -> None:
-    """``master`` is the chunk's ``master`` attribute; other keys are optimizer state."""
+    """``master`` / ``grad`` are the chunk's ``master`` / ``grad_shard`` attributes; other keys
+    are optimizer state."""
     if key == "master":
         c.master = t
+    elif key == "grad":
+        c.grad_shard = t
     elif t is None:
         del c.optim_state[key]
     else:
         c.optim_state[key] = t
+
+
+def _idx(chunk: Any) -> int:
+    return chunk if isinstance(chunk, int) else chunk.index
 
 
 def _wait(futures: list[Future]) -> None:
@@ -73,6 +83,9 @@ class ShardSwapper:
         self.depth = depth
         self.extents: dict[tuple[int, str], Extent] = {}
         self.written: set[tuple[int, str]] = set()
+        # writes issued outside a pass (gradients, written during backward): a read of the same
+        # extent must wait for them; the buffer stays referenced until the write is done
+        self.pending: dict[tuple[int, str], tuple[Future, torch.Tensor]] = {}
         self.keys: dict[int, list[str]] = {}
         self._sets: list[dict[str, torch.Tensor]] = []
         self._n_sets = 0
@@ -93,10 +106,47 @@ class ShardSwapper:
 
     def write_now(self, chunk: Any, key: str, t: torch.Tensor) -> None:
         """Synchronously store ``t`` (any fp32 CPU tensor of the shard's size) as ``key``."""
+        self.write_async(chunk, key, t)
+        self.settle(chunk, key)
+
+    def write_async(self, chunk: Any, key: str, t: torch.Tensor, max_pending: int = 4) -> Future:
+        """Store a copy of ``t`` as ``key`` in the background (at most ``max_pending`` such
+        writes in flight: the caller waits for the oldest beyond that)."""
+        while len(self.pending) >= max_pending:
+            self.settle(*next(iter(self.pending)))
+        self.settle(chunk, key)
+        idx = _idx(chunk)
         buf = self.store.empty(t.numel(), torch.float32)
         buf.copy_(t)
-        self.store.write(self.extents[(chunk.index, key)], buf).result()
-        self.written.add((chunk.index, key))
+        fut = self.store.write(self.extents[(idx, key)], buf)
+        self.pending[(idx, key)] = (fut, buf)
+        self.written.add((idx, key))
+        return fut
+
+    def settle(self, chunk: Any, key: str) -> None:
+        """Wait for a background write of ``key`` (raises its I/O error, if any)."""
+        entry = self.pending.pop((_idx(chunk), key), None)
+        if entry is not None:
+            t0 = time.perf_counter()
+            entry[0].result()
+            self.io_wait_s += time.perf_counter() - t0
+
+    def settle_all(self) -> None:
+        for idx, key in list(self.pending):
+            self.settle(idx, key)
+
+    def read_async(self, chunk: Any, key: str, out: torch.Tensor) -> Future:
+        """Read ``key`` into ``out`` (an aligned buffer from ``store.empty``)."""
+        self.settle(chunk, key)
+        return self.store.read(self.extents[(_idx(chunk), key)], out)
+
+    def invalidate(self, chunk: Any, key: str) -> None:
+        """Forget ``key``'s content: the next pass zero-fills instead of reading it."""
+        self.settle(chunk, key)
+        self.written.discard((_idx(chunk), key))
+
+    def valid(self, chunk: Any, key: str) -> bool:
+        return (_idx(chunk), key) in self.written
 
     # ---------------------------------------------------------------- buffers
     def _acquire(self, writes: deque) -> dict[str, torch.Tensor]:
@@ -150,7 +200,7 @@ class ShardSwapper:
             for k in sel[c.index]:
                 b = self._buf(bufs, k)[: c.shard_size]
                 if (c.index, k) in self.written:
-                    futs.append(self.store.read(self.extents[(c.index, k)], b))
+                    futs.append(self.read_async(c, k, b))
                 else:
                     b.zero_()
             reads.append((c, bufs, futs))
@@ -177,9 +227,10 @@ class ShardSwapper:
                         before_write(c)
                     wf = []
                     for k in sel[c.index]:
-                        wf.append(
-                            self.store.write(self.extents[(c.index, k)], bufs[k][: c.shard_size])
-                        )
+                        if k in READ_ONLY:
+                            continue
+                        ext = self.extents[(c.index, k)]
+                        wf.append(self.store.write(ext, bufs[k][: c.shard_size]))
                         self.written.add((c.index, k))
                     writes.append((bufs, wf))
                 else:
@@ -203,4 +254,68 @@ class ShardSwapper:
 
     def close(self) -> None:
         self._sets.clear()
+        self.pending.clear()
         self.store.close()
+
+
+class ParamFetcher:
+    """Parameter shards that live on NVMe, read ahead of their use into a small pool of aligned
+    host buffers (``depth + 1``). ``prefetch(c)`` starts a read; ``take(c)`` returns the shard
+    (waiting for its read, or reading now); ``give(buf)`` returns the buffer to the pool.
+    A mispredicted prefetch costs one read: when the pool is empty the oldest is dropped."""
+
+    def __init__(self, swapper: ShardSwapper, depth: int, key: str = "master") -> None:
+        self.sw = swapper
+        self.key = key
+        self.depth = depth
+        self._free: list[torch.Tensor] = []
+        self._n = 0
+        self.inflight: dict[int, tuple[torch.Tensor, Future]] = {}
+        self.hits = 0
+        self.misses = 0
+        self.dropped = 0
+
+    def _buffer(self) -> torch.Tensor:
+        if self._free:
+            return self._free.pop()
+        if self._n < self.depth + 1:
+            self._n += 1
+            return self.sw.store.empty(self.sw.max_shard, torch.float32)
+        idx = next(iter(self.inflight))  # oldest prefetch: let it land and reuse its buffer
+        buf, fut = self.inflight.pop(idx)
+        fut.result()
+        self.dropped += 1
+        return buf
+
+    def prefetch(self, c: Any) -> None:
+        if c.index in self.inflight or len(self.inflight) >= self.depth:
+            return
+        buf = self._buffer()
+        self.inflight[c.index] = (buf, self.sw.read_async(c, self.key, buf[: c.shard_size]))
+
+    def take(self, c: Any) -> torch.Tensor:
+        entry = self.inflight.pop(c.index, None)
+        if entry is None:
+            self.misses += 1
+            buf = self._buffer()
+            fut = self.sw.read_async(c, self.key, buf[: c.shard_size])
+        else:
+            self.hits += 1
+            buf, fut = entry
+        t0 = time.perf_counter()
+        fut.result()
+        self.sw.io_wait_s += time.perf_counter() - t0
+        return buf
+
+    def give(self, buf: torch.Tensor) -> None:
+        self._free.append(buf)
+
+    def drain(self) -> None:
+        """Let every read land and return its buffer (before the shards change on disk)."""
+        for buf, fut in self.inflight.values():
+            fut.result()
+            self._free.append(buf)
+        self.inflight.clear()
+
+    def buffer_bytes(self) -> int:
+        return self._n * self.sw.max_shard * 4

@@ -196,11 +196,19 @@ def test_per_param_norms_from_segments():
         assert norms[n].item() == pytest.approx(p.double().pow(2).sum().item(), rel=1e-9), n
 
 
-def test_gradient_accumulation_two_micro_batches(reference):
-    """Two half batches with loss / 2 each, one step: the same as the full batch."""
+@pytest.mark.parametrize("on_nvme", [False, True])
+def test_gradient_accumulation_two_micro_batches(reference, tmp_path, on_nvme):
+    """Two half batches with loss / 2 each, one step: the same as the full batch (with NVMe
+    parameters the second half's gradient is added to what the first wrote to disk)."""
     ref_losses, _ = reference
     steps = 5
-    mgr = ChunkManager(tiny_gpt2(), ChunkConfig(chunk_size=CHUNK))
+    nvme = {
+        "offload_optim_frac": 1.0,
+        "nvme_optim_frac": 1.0,
+        "nvme_param_frac": 1.0,
+        "nvme_dir": str(tmp_path),
+    }
+    mgr = ChunkManager(tiny_gpt2(), ChunkConfig(chunk_size=CHUNK, **(nvme if on_nvme else {})))
     opt = ChunkAdamW(mgr, lr=LR, weight_decay=WD)
     for i, b in enumerate(batches(steps)):
         total = 0.0
