@@ -53,11 +53,12 @@ from torch import nn
 
 from .chunk import Chunk, Slot, SlotState
 from .comm import all_gather_into, reduce_scatter_sum
+from .lazy import Materializer, has_meta_params
 from .nvme import NvmeStore
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
 from .swap import ParamFetcher, ShardSwapper
-from .tiers import AccessOrder, Tier, static_placement
+from .tiers import AccessOrder, Tier, release_host_memory, static_placement
 
 S = SlotState
 _WORKING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -99,6 +100,10 @@ class ChunkConfig:
       ``nvme_io_threads`` requests in flight. Those chunks' gradient shards and the optimizer
       kernel stay on host; ``nvme_optim_frac <= offload_optim_frac``. The file is sized for
       AdamW (two fp32 states per element).
+    * ``init_fn`` / ``param_source``: for a model built on the ``meta`` device, how each chunk's
+      parameters are filled when the chunk is built (see :mod:`offload.lazy`): from
+      ``param_source.get(names)`` (e.g. :class:`offload.lazy.SafetensorsSource`), else by
+      ``init_fn(module)`` (default: the HF model's ``_init_weights``).
     * ``nvme_param_frac`` (ZeRO-Infinity): the fraction of chunk bytes whose parameter shard
       (fp32: it is the master) and gradient shard live on NVMe too; their shards are read
       ``nvme_prefetch`` chunks ahead of use in forward and backward (by the access order
@@ -125,6 +130,8 @@ class ChunkConfig:
     nvme_param_frac: float = 0.0
     nvme_prefetch: int = 2
     nvme_io_threads: int = 8
+    init_fn: Callable[[nn.Module], None] | None = None
+    param_source: Any = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _WORKING_DTYPES:
@@ -194,6 +201,11 @@ class ChunkManager:
         if first is None:
             raise ValueError("module has no parameters to manage")
         self.device = torch.device(cfg.device) if cfg.device is not None else first.device
+        self._materializer: Materializer | None = None
+        if has_meta_params(module):  # lazy init: materialised chunk by chunk below
+            if self.device.type == "meta":
+                self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self._materializer = Materializer(module, cfg.init_fn, cfg.param_source)
         self.tiers: dict[str, Tier] = {
             "device": Tier("device", self.device, cfg.device_budget),
             "host": Tier("host", torch.device("cpu"), cfg.host_budget),
@@ -231,6 +243,14 @@ class ChunkManager:
         self._place()
         for c in self.chunks:
             self._init_storage(c)
+            if self._materializer is not None or self.swapper is not None:
+                release_host_memory()
+        for c in self.chunks:  # bound only now: a lazy init_fn must never write into a chunk
+            if c.payload_is_shard:
+                c.bind()
+        if self._materializer is not None:  # lazy init swapped the parameter objects
+            self._materializer = None
+            self._slot_of = {id(s.param): (c, s) for c in self.chunks for s in c.slots}
         self._install_hooks()
 
     # ================================================================ construction
@@ -337,6 +357,8 @@ class ChunkManager:
     @torch.no_grad()
     def _init_storage(self, c: Chunk) -> None:
         # build the full chunk once (one chunk at a time: peak = model + one chunk)
+        if self._materializer is not None:
+            self._materializer.materialize(c.slots)
         flat = torch.zeros(c.capacity, dtype=torch.float32, device=self.device)
         for s in c.slots:
             flat[s.offset : s.offset + s.numel].copy_(s.param.data.reshape(-1))
@@ -370,7 +392,6 @@ class ChunkManager:
         if self.world_size == 1 and pt.device == self.device:
             c.payload, c.payload_is_shard = c.shard, True  # always resident, gather is a no-op
             c.resident = True
-            c.bind()
             for s in c.slots:
                 c.transition(s, S.HOLD)
         else:
@@ -840,6 +861,7 @@ class ChunkManager:
             before_write=self._sync_shard,
             keys=keys,
         )
+        release_host_memory()
         host = self.tiers["host"]
         staging = self.swapper.buffer_bytes() + (self.fetcher.buffer_bytes() if self.fetcher else 0)
         host.account("staging", staging - host.bytes["staging"])

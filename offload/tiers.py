@@ -96,6 +96,29 @@ class Tier:
         return out
 
 
+def _load_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_host_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    glibc raises its mmap threshold after the first large free, so later chunk-sized buffers
+    come from the heap and, once freed, stay in the process: RSS would creep up to the size of
+    everything ever staged. Host budgets are about RSS, so the manager trims after building
+    chunks and after optimizer passes (a few ms)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def static_placement(chunk_bytes: Sequence[int], frac: float) -> list[bool]:
     """Which chunks to offload so that ``frac`` of the bytes live on host (Colossal-AI style).
 

@@ -16,6 +16,7 @@ MODULES = [
     "offload.consolidate",
     "offload.nvme",
     "offload.swap",
+    "offload.lazy",
 ]
 
 
