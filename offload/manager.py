@@ -322,11 +322,16 @@ class ChunkManager:
                 if c.optim_tier == "nvme":
                     max_nvme_shard = max(max_nvme_shard, n)
                     need["nvme"] += 4096 * 5  # extents are block-aligned
-        if max_nvme_shard:  # the swap pipeline's buffer sets: depth + 2 sets of (m, v, master,
-            # grad), the parameter read-ahead buffers and the gradient write-behind buffers
-            need["host"] += (cfg.nvme_prefetch + 2) * 4 * max_nvme_shard * 4
+        if max_nvme_shard:  # host staging at its peak: the swap pipeline's depth + 2 buffer
+            # sets of (m, v, master, grad), plus for NVMe params the read-ahead buffers and the
+            # gradient write-behind buffers; each sized for the largest shards it may hold
+            big = sorted(
+                (c.shard_size for c in self.chunks if c.optim_tier == "nvme"), reverse=True
+            )
+            top = sum(big[: cfg.nvme_prefetch + 2])
+            need["host"] += 4 * 4 * top
             if any(c.param_tier == "nvme" for c in self.chunks):
-                need["host"] += (cfg.nvme_prefetch + 1 + 4) * max_nvme_shard * 4
+                need["host"] += 4 * (sum(big[: cfg.nvme_prefetch + 1]) + top)
         work = max(c.capacity for c in self.chunks) * self.dtype.itemsize * 2  # payload + grads
         needs_gather = self.world_size > 1 or self.tiers["host"].device != self.device
         if needs_gather or any(c.param_tier != "device" for c in self.chunks):

@@ -161,9 +161,11 @@ class ShardSwapper:
             self._sets.append(bufs)
         return self._sets.pop()
 
-    def _buf(self, bufs: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-        if key not in bufs:
-            bufs[key] = self.store.empty(self.max_shard, torch.float32)
+    def _buf(self, bufs: dict[str, torch.Tensor], key: str, n: int) -> torch.Tensor:
+        # sized for the chunk at hand, not the largest one: one oversized chunk (an embedding)
+        # must not make every buffer set that large
+        if key not in bufs or bufs[key].numel() < n:
+            bufs[key] = self.store.empty(n, torch.float32)
         return bufs[key]
 
     def buffer_bytes(self) -> int:
@@ -198,7 +200,7 @@ class ShardSwapper:
             bufs = self._acquire(writes)
             futs = []
             for k in sel[c.index]:
-                b = self._buf(bufs, k)[: c.shard_size]
+                b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
                 if (c.index, k) in self.written:
                     futs.append(self.read_async(c, k, b))
                 else:
@@ -269,35 +271,51 @@ class ParamFetcher:
         self.key = key
         self.depth = depth
         self._free: list[torch.Tensor] = []
-        self._n = 0
+        self._all: list[torch.Tensor] = []
         self.inflight: dict[int, tuple[torch.Tensor, Future]] = {}
         self.hits = 0
         self.misses = 0
         self.dropped = 0
 
-    def _buffer(self) -> torch.Tensor:
-        if self._free:
-            return self._free.pop()
-        if self._n < self.depth + 1:
-            self._n += 1
-            return self.sw.store.empty(self.sw.max_shard, torch.float32)
+    def _buffer(self, n: int) -> torch.Tensor:
+        fits = [b for b in self._free if b.numel() >= n]
+        if fits:
+            buf = min(fits, key=lambda b: b.numel())
+            self._free = [b for b in self._free if b is not buf]  # identity, not tensor ==
+            return buf
+        if len(self._all) < self.depth + 1:
+            return self._new(n)
+        if self._free:  # all buffers exist but the free ones are too small: grow one
+            self._replace(self._free.pop(), n)
+            return self._all[-1]
         idx = next(iter(self.inflight))  # oldest prefetch: let it land and reuse its buffer
         buf, fut = self.inflight.pop(idx)
         fut.result()
         self.dropped += 1
+        if buf.numel() < n:
+            self._replace(buf, n)
+            return self._all[-1]
         return buf
+
+    def _new(self, n: int) -> torch.Tensor:
+        self._all.append(self.sw.store.empty(n, torch.float32))
+        return self._all[-1]
+
+    def _replace(self, old: torch.Tensor, n: int) -> None:
+        self._all = [b for b in self._all if b is not old]
+        self._new(n)
 
     def prefetch(self, c: Any) -> None:
         if c.index in self.inflight or len(self.inflight) >= self.depth:
             return
-        buf = self._buffer()
+        buf = self._buffer(c.shard_size)
         self.inflight[c.index] = (buf, self.sw.read_async(c, self.key, buf[: c.shard_size]))
 
     def take(self, c: Any) -> torch.Tensor:
         entry = self.inflight.pop(c.index, None)
         if entry is None:
             self.misses += 1
-            buf = self._buffer()
+            buf = self._buffer(c.shard_size)
             fut = self.sw.read_async(c, self.key, buf[: c.shard_size])
         else:
             self.hits += 1
@@ -318,4 +336,4 @@ class ParamFetcher:
         self.inflight.clear()
 
     def buffer_bytes(self) -> int:
-        return self._n * self.sw.max_shard * 4
+        return sum(b.nbytes for b in self._all)
