@@ -58,7 +58,13 @@ from .nvme import NvmeStore
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
 from .swap import ParamFetcher, ShardSwapper
-from .tiers import AccessOrder, Tier, release_host_memory, static_placement
+from .tiers import (
+    AccessOrder,
+    Tier,
+    bound_host_memory,
+    release_host_memory,
+    static_placement,
+)
 
 S = SlotState
 _WORKING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -214,6 +220,8 @@ class ChunkManager:
             self.tiers["nvme"] = Tier("nvme", torch.device("cpu"))
         self.swapper: ShardSwapper | None = None
         self.fetcher: ParamFetcher | None = None
+        if cfg.host_budget is not None or cfg.nvme_optim_frac > 0:
+            bound_host_memory()  # RSS must track what is live, not what was ever staged
         self.dtype = cfg.dtype
         self.scaler = (
             DynamicLossScaler(cfg.init_scale, growth_interval=cfg.growth_interval)
@@ -515,6 +523,8 @@ class ChunkManager:
     def _fetch(self, c: Chunk) -> None:
         self.order.record(c.index)
         if c.resident:
+            if self.fetcher is not None:
+                self.fetcher.cancel(c)  # predicted as a fetch, but it never left
             return
         nbytes = c.capacity * self.dtype.itemsize
         self._make_room(nbytes, exclude=c)
@@ -659,7 +669,7 @@ class ChunkManager:
             old = sw.store.empty(c.shard_size, torch.float32)
             sw.read_async(c, "grad", old).result()
             g = g + old
-        c.grad_sq = float(g.double().pow(2).sum())
+        c.grad_sq = float(torch.linalg.vector_norm(g)) ** 2  # no chunk-sized temporary
         c.grad_coef = 1.0
         sw.write_async(c, "grad", g, max_pending=self.config.nvme_prefetch + 2)
 
@@ -857,7 +867,7 @@ class ChunkManager:
             yield from chunks
             return
         if write_back and self.fetcher is not None:
-            self.fetcher.drain()  # no read of a shard may overlap its update
+            self.fetcher.release_buffers()  # no read may overlap an update; memory for the pass
         self.swapper.settle_all()
         yield from self.swapper.iter_resident(
             chunks,
@@ -866,6 +876,8 @@ class ChunkManager:
             before_write=self._sync_shard,
             keys=keys,
         )
+        if write_back:
+            self.swapper.release_buffers()  # forward / backward need the memory until next pass
         release_host_memory()
         host = self.tiers["host"]
         staging = self.swapper.buffer_bytes() + (self.fetcher.buffer_bytes() if self.fetcher else 0)

@@ -172,6 +172,11 @@ class ShardSwapper:
         """Host bytes held by the buffer pool right now."""
         return sum(b.nbytes for s in self._sets for b in s.values())
 
+    def release_buffers(self) -> None:
+        """Free the pool (between optimizer passes forward / backward need the memory)."""
+        self._sets.clear()
+        self._n_sets = 0
+
     # ---------------------------------------------------------------- pipeline
     def iter_resident(
         self,
@@ -328,12 +333,26 @@ class ParamFetcher:
     def give(self, buf: torch.Tensor) -> None:
         self._free.append(buf)
 
+    def cancel(self, c: Any) -> None:
+        """``c`` turned out not to need its read (it was still resident): reclaim the buffer."""
+        entry = self.inflight.pop(c.index, None)
+        if entry is not None:
+            entry[1].result()
+            self._free.append(entry[0])
+            self.dropped += 1
+
     def drain(self) -> None:
         """Let every read land and return its buffer (before the shards change on disk)."""
         for buf, fut in self.inflight.values():
             fut.result()
             self._free.append(buf)
         self.inflight.clear()
+
+    def release_buffers(self) -> None:
+        """Drain, then free every buffer (the optimizer pass needs the memory)."""
+        self.drain()
+        self._free.clear()
+        self._all.clear()
 
     def buffer_bytes(self) -> int:
         return sum(b.nbytes for b in self._all)

@@ -96,16 +96,29 @@ class Tier:
         return out
 
 
-def _load_malloc_trim():
+def _load_libc():
     try:
         import ctypes
 
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc (macOS, musl): nothing to tune
         return None
 
 
-_MALLOC_TRIM = _load_malloc_trim()
+_LIBC = _load_libc()
+_MALLOC_TRIM = _LIBC.malloc_trim if _LIBC is not None else None
+_M_MMAP_THRESHOLD = -3
+
+
+def bound_host_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mmap, so
+    freeing it returns the memory at once. Used when the host tier has a budget or NVMe is in
+    play: chunk payloads, staging buffers and activations come and go every step, and with
+    glibc's adaptive threshold the freed ones would stay in RSS. Returns whether it applied."""
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, threshold))
 
 
 def release_host_memory() -> None:
