@@ -161,6 +161,8 @@ class Chunk:
         self.shard: torch.Tensor | None = None  # this rank's working-dtype shard
         self.master: torch.Tensor | None = None  # fp32 master shard (may alias ``shard``)
         self.grad_buffer: torch.Tensor | None = None  # full-size grads while they arrive
+        self.written: set[int] = set()  # slots (ids) whose range of grad_buffer holds data
+        self.spare_grad: torch.Tensor | None = None  # a recycled gradient buffer (one rank)
         self.grad_shard: torch.Tensor | None = None  # reduced, averaged fp32 grad shard
         self.optim_state: dict[str, torch.Tensor] = {}
         self.grad_sq = 0.0  # squared norm of a gradient shard written to NVMe

@@ -233,6 +233,10 @@ class ChunkManager:
         self.gathers = 0
         # a device budget caches every gathered chunk (evicted by furthest next use)
         self._cache_all = cfg.device_budget is not None
+        # gradient buffers outlive a step only where memory is not budgeted and not sharded
+        self._recycle_grads = (
+            self.world_size == 1 and cfg.device_budget is None and cfg.host_budget is None
+        )
         self._lazy: set[Chunk] = set()
         self._flush_queued = False
         self._backward_active = False
@@ -493,9 +497,20 @@ class ChunkManager:
         if c.grad_buffer is None:
             nbytes = c.capacity * self.dtype.itemsize
             self._make_room(nbytes, exclude=c)
-            c.grad_buffer = torch.zeros(c.capacity, dtype=self.dtype, device=self.device)
-            self.tiers["device"].account("grad_buffer", nbytes)
-        c.grad_buffer[s.offset : s.offset + s.numel].view(s.shape).add_(g)
+            # not zero-filled: a slot's first gradient is copied in, ranges nobody wrote (unused
+            # params, padding) are zeroed at reduction; saves a memset + a read per element
+            if c.spare_grad is not None:
+                c.grad_buffer, c.spare_grad = c.spare_grad, None  # already accounted
+            else:
+                c.grad_buffer = torch.empty(c.capacity, dtype=self.dtype, device=self.device)
+                self.tiers["device"].account("grad_buffer", nbytes)
+            c.written = set()
+        dst = c.grad_buffer[s.offset : s.offset + s.numel].view(s.shape)
+        if id(s) in c.written:
+            dst.add_(g)
+        else:
+            dst.copy_(g)
+            c.written.add(id(s))
         s.grad_count += 1
         s.pending = s.has_grad = True
         s.pinned = False
@@ -633,6 +648,10 @@ class ChunkManager:
     def _reduce(self, c: Chunk) -> None:
         buf = c.grad_buffer
         assert buf is not None
+        for s in c.slots:  # what no gradient reached this backward is zero
+            if id(s) not in c.written:
+                buf[s.offset : s.offset + s.numel].zero_()
+        buf[c.used :].zero_()
         n = self.world_size
         if n > 1:
             if self.dtype == torch.float16:
@@ -759,10 +778,13 @@ class ChunkManager:
         """
         self._prepare_grads()
         sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        shards = [c.grad_shard for c in self.chunks if c.grad_shard is not None]
+        if shards:  # one multi-tensor kernel, no temporaries (per device the shards live on)
+            for dev in {t.device for t in shards}:
+                norms = torch._foreach_norm([t for t in shards if t.device == dev])
+                sq += self.tiers["device"].put(torch.stack(norms).pow(2).sum())
         for c in self.chunks:
-            if c.grad_shard is not None:
-                sq += self.tiers["device"].put(c.grad_shard.pow(2).sum())
-            elif self._nvme_grad(c):  # norm taken when it was written; scaled when read back
+            if c.grad_shard is None and self._nvme_grad(c):  # norm taken when written to disk
                 sq += c.grad_sq
         total = self._all_reduce(sq).sqrt()
         if not torch.isfinite(total):
@@ -819,6 +841,11 @@ class ChunkManager:
                 self.swapper.invalidate(c, "grad")
             if c.grad_shard is not None:
                 self._otier(c).account("grad_shard", -c.grad_shard.nbytes)
+                if self._recycle_grads and c.grad_shard.device == self.device:
+                    # one rank, no budget: the reduced shard *was* the gradient buffer; keep it
+                    # for the next backward instead of faulting in fresh pages every step
+                    c.spare_grad = c.grad_shard
+                    self.tiers["device"].account("grad_buffer", c.spare_grad.nbytes)
                 c.grad_shard = None
             for s in c.slots:
                 s.has_grad = False
