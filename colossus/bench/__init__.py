@@ -8,16 +8,20 @@ import argparse
 
 
 def add_bench_parser(sub, fmt) -> None:
-    from colossus.bench import step
+    from colossus.bench import bigmodel, offload, step
 
     b = sub.add_parser(
         "bench",
         help="benchmarks (print a table, --json PATH writes the figures)",
         formatter_class=fmt,
-        epilog="examples:\n  colossus bench step --model gpt2-124m --batch 4 --seq 128 --json step.json\n",
+        epilog="examples:\n  colossus bench step --model gpt2-124m --batch 4 --seq 128 --json step.json\n"
+        "  colossus bench offload --model gpt2-124m --json bench-offload.json\n"
+        "  colossus bench bigmodel --params 4e9 --host-budget 12GiB --nvme-dir /nvme\n",
     )
     bsub = b.add_subparsers(dest="bench", required=True)
     step.add_parser(bsub, fmt)
+    offload.add_parser(bsub, fmt)
+    bigmodel.add_parser(bsub, fmt)
 
 
 __all__ = ["add_bench_parser", "argparse"]
