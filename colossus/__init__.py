@@ -7,8 +7,15 @@ Example::
 """
 
 from colossus.config import TrainingConfig
-from colossus.errors import CheckpointError, ColossusError, ConfigError
+from colossus.errors import CheckpointError, ColossusError, ConfigError, StorageError
 from colossus.trainer import Trainer
 
-__all__ = ["Trainer", "TrainingConfig", "ColossusError", "ConfigError", "CheckpointError"]
+__all__ = [
+    "Trainer",
+    "TrainingConfig",
+    "ColossusError",
+    "ConfigError",
+    "CheckpointError",
+    "StorageError",
+]
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from colossus.checkpoint import CheckpointWriter, load_json, load_tensors
 from colossus.config import OptimConfig
-from colossus.errors import CheckpointError, ConfigError
+from colossus.errors import CheckpointError, ConfigError, StorageError
 from colossus.strategy import Strategy
 from offload import ChunkAdamW, ChunkConfig, ChunkManager
 from offload.nvme import NvmeError
@@ -52,6 +53,17 @@ def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def _storage_errors():
+    try:
+        yield
+    except NvmeError as e:
+        raise StorageError(
+            f"{e}. Training stopped; checkpoints already written are intact (resume from the "
+            "latest once the disk has room)"
+        ) from e
+
+
 class ChunkStrategy(Strategy):
     """ZeRO-3 over the default process group with chunked, tier-placed model state."""
 
@@ -71,7 +83,6 @@ class ChunkStrategy(Strategy):
                 model,
                 ChunkConfig(
                     chunk_size=cc.chunk_size,
-                    dtype=DTYPES[cc.dtype],
                     offload_param_frac=cc.offload_param_frac,
                     offload_optim_frac=cc.offload_optim_frac,
                     device_budget=None if cc.device_budget is None else int(cc.device_budget),
@@ -80,8 +91,11 @@ class ChunkStrategy(Strategy):
                     keep_gathered_frac=cc.keep_gathered_frac,
                     nvme_dir=cc.nvme_dir,
                     nvme_optim_frac=cc.nvme_optim_frac,
+                    nvme_param_frac=cc.nvme_param_frac,
                     nvme_prefetch=cc.nvme_prefetch,
                     nvme_io_threads=cc.nvme_io_threads,
+                    dtype=DTYPES[cc.dtype],
+                    param_source=getattr(model, "colossus_param_source", None),
                     device=dev,
                 ),
             )
@@ -100,15 +114,21 @@ class ChunkStrategy(Strategy):
         return self.optimizer
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.mgr.backward(loss)
+        with _storage_errors():
+            self.mgr.backward(loss)
 
     def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
-        return self.mgr.clip_grad_norm_(max_norm)
+        with _storage_errors():
+            return self.mgr.clip_grad_norm_(max_norm)
 
     def optimizer_step(self) -> None:
-        if not self.optimizer.step():  # fp16 overflow: skipped, loss scale halved
-            self.skipped_steps += 1
-        self.optimizer.zero_grad()
+        with _storage_errors():
+            if not self.optimizer.step():  # fp16 overflow: skipped, loss scale halved
+                self.skipped_steps += 1
+            self.optimizer.zero_grad()
+
+    def close(self) -> None:
+        self.mgr.close()
 
     def memory_report(self) -> dict[str, float]:
         rep = self.mgr.memory_report()

@@ -47,6 +47,10 @@ class ModelConfig(_Section):
     config: dict[str, Any] = Field(default_factory=dict)
     """Overrides on the architecture's default config (n_layer, hidden_size, ...)."""
     gradient_checkpointing: bool = False
+    lazy_init: bool = False
+    """Build the model on the ``meta`` device and let strategy ``chunk`` materialise it chunk by
+    chunk straight into its tier, so a model larger than RAM can be created; with ``path``, the
+    weights stream from the checkpoint tensor by tensor. Needs ``strategy.name: chunk``."""
 
     @property
     def resolved_task(self) -> str:
@@ -126,6 +130,9 @@ class ChunkStrategyConfig(_Section):
     """Fraction of chunk bytes (from the first chunk) whose AdamW state, and fp32 master where it
     is not the working shard, live on NVMe; stepped on host through a read-ahead / write-behind
     pipeline. Must be <= offload_optim_frac; needs nvme_dir."""
+    nvme_param_frac: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of chunk bytes whose parameter and gradient shards live on NVMe too
+    (ZeRO-Infinity), read ahead of use in forward and backward. Must be <= nvme_optim_frac."""
     nvme_prefetch: int = Field(2, ge=0)
     """Chunks whose NVMe state is read ahead while one is being updated."""
     nvme_io_threads: int = Field(8, ge=1)
@@ -144,6 +151,11 @@ class ChunkStrategyConfig(_Section):
                 f"nvme_optim_frac={self.nvme_optim_frac} > offload_optim_frac="
                 f"{self.offload_optim_frac}: NVMe-resident optimizer state is stepped on host; "
                 "raise offload_optim_frac"
+            )
+        if self.nvme_param_frac > self.nvme_optim_frac:
+            raise ValueError(
+                f"nvme_param_frac={self.nvme_param_frac} > nvme_optim_frac={self.nvme_optim_frac}"
+                ": a chunk whose parameters live on NVMe keeps its optimizer state there too"
             )
         if self.nvme_optim_frac > 0 and not self.nvme_dir:
             raise ValueError("nvme_optim_frac > 0 needs nvme_dir (a directory on a fast disk)")

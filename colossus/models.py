@@ -38,6 +38,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, tokenizer=None)
     """Instantiate the model on CPU in fp32 (the strategy moves it). ``vocab_size`` comes from
     the trained tokenizer unless ``model.config.vocab_size`` says otherwise."""
     auto = _auto_class(cfg.resolved_task)
+    if cfg.lazy_init:
+        return _build_lazy(cfg, auto, vocab_size, tokenizer)
     if cfg.path:
         p = Path(cfg.path).expanduser()
         if not (p / "config.json").is_file():
@@ -45,18 +47,58 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None, tokenizer=None)
         model = auto.from_pretrained(p, dtype=torch.float32)
     else:
         hf_cfg = build_hf_config(cfg, vocab_size)
-        if tokenizer is not None:
-            for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
-                tid = getattr(tokenizer, attr, None)
-                if tid is not None and hasattr(hf_cfg, attr):
-                    setattr(hf_cfg, attr, tid)
+        _apply_special_tokens(hf_cfg, tokenizer)
         model = auto.from_config(hf_cfg, dtype=torch.float32)
     if cfg.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        _enable_checkpointing(model)
+    return model
+
+
+def _apply_special_tokens(hf_cfg: PretrainedConfig, tokenizer) -> None:
+    if tokenizer is None:
+        return
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        tid = getattr(tokenizer, attr, None)
+        if tid is not None and hasattr(hf_cfg, attr):
+            setattr(hf_cfg, attr, tid)
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _build_lazy(cfg: ModelConfig, auto, vocab_size: int | None, tokenizer) -> nn.Module:
+    """Parameters on ``meta`` (buffers real): strategy chunk materialises them chunk by chunk.
+    From a local checkpoint the weights stream tensor by tensor (``colossus_param_source``)."""
+    from accelerate import init_empty_weights
+
+    from offload.lazy import SafetensorsSource
+
+    source = None
+    if cfg.path:
+        p = Path(cfg.path).expanduser()
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.path: {p} is not a model directory (no config.json)")
+        hf_cfg = AutoConfig.from_pretrained(p)
+        try:
+            source = SafetensorsSource(p)
+        except FileNotFoundError as e:
+            raise ConfigError(f"model.path with lazy_init needs safetensors weights: {e}") from None
+    else:
+        hf_cfg = build_hf_config(cfg, vocab_size)
+        _apply_special_tokens(hf_cfg, tokenizer)
+    with init_empty_weights():
+        model = auto.from_config(hf_cfg, dtype=torch.float32)
+    model.tie_weights()
+    if source is not None:
+        source.prefix = getattr(model, "base_model_prefix", "")
+        model.colossus_param_source = source
+    if cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
     return model
 
 

@@ -75,6 +75,7 @@ class Strategy:
 
     # ---- set-up -----------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        _refuse_meta(model, self.name)
         self.model = model.to(self.ctx.device)
         self.engine = self.model
         return self.engine
@@ -105,6 +106,9 @@ class Strategy:
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()
+
+    def close(self) -> None:
+        """Release external resources (files of an NVMe tier) after a fatal error."""
 
     def memory_report(self) -> dict[str, float]:
         """Model-state memory per tier (``device_gib``, ``host_gib``, ...) where the strategy
@@ -143,6 +147,14 @@ class Strategy:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
 
+def _refuse_meta(model: nn.Module, strategy: str) -> None:
+    if any(p.is_meta for p in model.parameters()):
+        raise ConfigError(
+            f"the model's parameters are on the meta device (model.lazy_init), which strategy "
+            f"{strategy!r} cannot materialise; use strategy.name=chunk"
+        )
+
+
 def _tied_keys(model: nn.Module) -> set[str]:
     seen: dict[int, str] = {}
     tied = set()
@@ -162,6 +174,7 @@ class DDPStrategy(Strategy):
     name = "ddp"
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
+        _refuse_meta(model, self.name)
         self.model = model.to(self.ctx.device)
         if not self.ctx.distributed:
             self.engine = self.model  # DDP of one process is just overhead

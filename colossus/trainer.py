@@ -41,7 +41,7 @@ from colossus.checkpoint import (
 )
 from colossus.config import ENCODER_TYPES, TrainingConfig
 from colossus.distributed import DistContext, all_reduce_mean, init_distributed
-from colossus.errors import CheckpointError, ConfigError
+from colossus.errors import CheckpointError, ConfigError, StorageError
 from colossus.metrics import RunLogger, peak_rss_gib
 from colossus.schedule import build_scheduler
 from colossus.strategy import Strategy, make_strategy
@@ -286,9 +286,11 @@ class Trainer:
                 and not (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0)
             ):
                 self.save()
-        except BaseException:
+        except BaseException as e:
             if logger._progress is not None:
                 logger._progress.stop()
+            if isinstance(e, StorageError):  # tier state is unreliable now: free its files
+                self.strategy.close()
             raise
         elapsed = time.perf_counter() - t_start
         summary: dict[str, Any] = {

@@ -436,6 +436,14 @@ class ChunkManager:
                     h = s.param.register_post_accumulate_grad_hook(partial(self._on_grad, c, s))
                     self._hooks.append(h)
 
+    def close(self) -> None:
+        """Release the NVMe tier (its files are deleted); the manager is unusable afterwards
+        for chunks whose state lived there."""
+        if self.fetcher is not None:
+            self.fetcher.release_buffers()
+        if self.swapper is not None:
+            self.swapper.close()
+
     def remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -722,7 +730,25 @@ class ChunkManager:
             if not self._cached(c) and c.resident and c.idle:
                 self._release(c)
         self._lazy.clear()
-        self.order.freeze()
+        if not self.order.frozen:
+            self.order.freeze()
+            self._keep_hot_chunks()
+
+    def _keep_hot_chunks(self) -> None:
+        """After the first step: a small chunk that many modules use (biases and norm gains of
+        every layer share one no-decay chunk) would be released and gathered again between
+        each use (an all-gather, or an NVMe read, every time). Keep such chunks gathered for the
+        step: at most the size of a median chunk each, used at least 4 times per step."""
+        if self._cache_all or not self.order.sequence:
+            return
+        uses: dict[int, int] = defaultdict(int)
+        for i in self.order.sequence:
+            uses[i] += 1
+        caps = sorted(c.capacity for c in self.chunks)
+        median = caps[len(caps) // 2]
+        for c in self.chunks:
+            if not c.payload_is_shard and uses[c.index] >= 4 and c.capacity <= median:
+                c.keep_gathered = True
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` (scaled under fp16) and make sure every gradient is reduced."""

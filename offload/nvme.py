@@ -38,6 +38,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -184,6 +185,10 @@ class NvmeStore:
         self.used = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        self.busy_s = 0.0  # wall time with at least one request in flight
+        self._busy_lock = threading.Lock()
+        self._active = 0
+        self._busy_since = 0.0
 
     # ------------------------------------------------------------------ allocation
     def alloc(self, nbytes: int) -> Extent:
@@ -263,6 +268,19 @@ class NvmeStore:
         return done
 
     def _io(self, op, what: str, mv: memoryview, offset: int) -> None:
+        with self._busy_lock:  # busy time: the union of the intervals with a request in flight
+            if self._active == 0:
+                self._busy_since = time.perf_counter()
+            self._active += 1
+        try:
+            self._io_loop(op, what, mv, offset)
+        finally:
+            with self._busy_lock:
+                self._active -= 1
+                if self._active == 0:
+                    self.busy_s += time.perf_counter() - self._busy_since
+
+    def _io_loop(self, op, what: str, mv: memoryview, offset: int) -> None:
         while len(mv):
             try:
                 n = op(self.fd, [mv], offset)

@@ -364,6 +364,15 @@ def _spawn(variant: str, args: dict[str, Any], ranks: int, timeout: float) -> di
     }
 
 
+def _table_row(r: dict[str, Any]) -> dict[str, Any]:
+    """The printed row: no per-step list; losses with 6 decimals so that agreement shows."""
+    out = {k: v for k, v in r.items() if k != "step_times_s"}
+    for k in ("first_loss", "final_loss"):
+        if isinstance(out.get(k), float):
+            out[k] = f"{out[k]:.6f}"
+    return out
+
+
 def run(ns: argparse.Namespace) -> int:
     from colossus.bench.common import machine_info, print_table, write_json
 
@@ -422,7 +431,7 @@ def run(ns: argparse.Namespace) -> int:
     print_table(
         f"bench offload: {ns.model}, batch {ns.batch} x seq {ns.seq}, median of {ns.steps} steps "
         f"after {ns.warmup} warmup, {ns.ranks} rank(s) for chunk/fsdp2/deepspeed",
-        [{k: v for k, v in r.items() if k != "step_times_s"} for r in rows],
+        [_table_row(r) for r in rows],
     )
     for w in warnings:
         print(w, file=sys.stderr)

@@ -260,3 +260,79 @@ def test_optimizer_state_on_nvme(tmp_path, reference):
     missing = chunk | {"nvme_dir": str(tmp_path / "absent")}
     with pytest.raises(ConfigError, match="does not exist"):
         Trainer(tiny_gpt2(), config(tmp_path / "run2", missing), train_dataset=token_blocks())
+
+
+NVME_ALL = {
+    "chunk_size": CHUNK,
+    "offload_param_frac": 1.0,
+    "offload_optim_frac": 1.0,
+    "nvme_optim_frac": 1.0,
+    "nvme_param_frac": 1.0,
+}
+
+
+def test_lazy_init_from_checkpoint_onto_nvme(tmp_path, reference):
+    """model.lazy_init + model.path: built on meta, weights streamed from the checkpoint
+    straight into NVMe-resident chunks; trains exactly like plain PyTorch on the same weights."""
+    from colossus.config import ModelConfig
+    from colossus.models import build_model
+
+    tiny_gpt2().save_pretrained(tmp_path / "ckpt")  # the reference's initial weights
+    model = build_model(ModelConfig(path=str(tmp_path / "ckpt"), lazy_init=True))
+    assert model.transformer.h[0].attn.c_attn.weight.is_meta
+    (tmp_path / "nvme").mkdir()
+    chunk = NVME_ALL | {"nvme_dir": str(tmp_path / "nvme")}
+    t = Trainer(model, config(tmp_path / "run", chunk), train_dataset=token_blocks())
+    t.train()
+    check_same_training(
+        [r["loss"] for r in t.history], t.strategy.full_state_dict(), reference, "lazy+nvme"
+    )
+    with pytest.raises(ConfigError, match="meta device"):
+        lazy = build_model(ModelConfig(path=str(tmp_path / "ckpt"), lazy_init=True))
+        Trainer(lazy, config(tmp_path / "r2", {}).with_overrides(["strategy.name=none"]))
+
+
+def test_disk_full_during_training_stops_cleanly(tmp_path, reference, monkeypatch):
+    """ENOSPC injected at the I/O layer at step 7: a clear StorageError, the step-5 checkpoint
+    stays valid, resuming from it (disk fixed) finishes with the reference's losses, and the
+    NVMe files are gone."""
+    import errno
+    import os
+
+    from colossus import StorageError
+    from colossus.checkpoint import latest_checkpoint, verify_checkpoint
+
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    chunk = NVME_ALL | {"nvme_dir": str(nvme)}
+    run = tmp_path / "run"
+    cfg = config(run, chunk, checkpoint={"interval": 5, "save_final": False})
+    real = os.pwritev
+    broken = [False]
+
+    def pwritev(fd, bufs, off):
+        if broken[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs, off)
+
+    class BreakDisk:
+        def on_step_end(self, trainer, record):
+            broken[0] = trainer.step >= 6
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    t = Trainer(tiny_gpt2(), cfg, train_dataset=token_blocks(), callbacks=[BreakDisk()])
+    with pytest.raises(StorageError, match="ENOSPC.*disk is full.*checkpoints already written"):
+        t.train()
+    assert 6 <= t.step < STEPS
+    ck = latest_checkpoint(run / "checkpoints")
+    assert ck is not None and ck.name == "step-00000005"
+    verify_checkpoint(ck)  # intact
+    assert list(nvme.iterdir()) == []  # the failed run released its NVMe files
+    monkeypatch.setattr(os, "pwritev", real)
+    resumed = Trainer(
+        tiny_gpt2(seed=9), config(run, chunk, checkpoint={"resume_from": str(ck)}), token_blocks()
+    )
+    resumed.train()
+    ref_losses, _ = reference
+    got = [r["loss"] for r in resumed.history]
+    assert max(abs(a - b) for a, b in zip(got, ref_losses[5:])) <= 1e-5

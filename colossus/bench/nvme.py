@@ -1,0 +1,218 @@
+"""``colossus bench nvme``: how fast the NVMe tier is, raw and while training.
+
+1. Probe: the directory's raw bandwidth through :class:`offload.nvme.NvmeStore` (O_DIRECT,
+   preallocated file), one request at a time and with ``--inflight`` requests in flight.
+2. Training: a GPT (``--params``) with parameters, gradients and AdamW state on NVMe runs a few
+   steps; per step the bytes moved, the tier's achieved bandwidth (bytes / time with a request
+   in flight) and its ratio to the probe (goal >= 0.8).
+3. Bound: the same model trained with everything in RAM gives the compute time; the I/O time is
+   the bytes moved at the probe's bandwidth; the step time is compared with
+   max(compute, I/O) (goal <= 1.15x: I/O and compute overlap).
+
+Each training run is its own process (clean peak RSS, no page cache or allocator carry-over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from colossus.bench.bigmodel import VOCAB, gpt_shape
+
+
+def add_parser(bsub, fmt) -> None:
+    p = bsub.add_parser(
+        "nvme",
+        help="NVMe tier: raw probe, bandwidth while training, step time vs max(compute, I/O)",
+        formatter_class=fmt,
+        epilog=(
+            "examples:\n"
+            "  colossus bench nvme --nvme-dir /nvme --json nvme.json\n"
+            "  colossus bench nvme --nvme-dir /tmp --probe-gib 1 --params 5e7 --steps 2\n"
+        ),
+    )
+    p.add_argument("--nvme-dir", default=".cache/colossus/nvme", help="directory to measure")
+    p.add_argument("--probe-gib", type=float, default=2.0, help="bytes written + read by the probe")
+    p.add_argument("--inflight", type=int, default=8, help="requests in flight in the probe")
+    p.add_argument("--request-mib", type=int, default=4)
+    p.add_argument("--params", type=float, default=3e8, help="model trained on the tier")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up)")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(bench_fn=run)
+
+
+def probe(directory: str, nbytes: int, threads: int, request: int) -> dict[str, float]:
+    """Write then read ``nbytes`` through a fresh store; GB/s each way."""
+    import torch
+
+    from offload.nvme import NvmeStore
+
+    store = NvmeStore(directory, nbytes, io_threads=threads, request_bytes=request)
+    try:
+        buf = store.empty(nbytes // 4, torch.float32)
+        buf.fill_(1.0)  # fault the pages in before timing
+        ext = store.alloc(buf.nbytes)
+        t = time.perf_counter()
+        store.write(ext, buf).result()
+        os.fsync(store.fd)
+        w = buf.nbytes / (time.perf_counter() - t) / 1e9
+        t = time.perf_counter()
+        store.read(ext, buf).result()
+        r = buf.nbytes / (time.perf_counter() - t) / 1e9
+        return {"write_gbps": w, "read_gbps": r, "direct": store.direct}
+    finally:
+        store.close()
+
+
+def _worker(args: dict[str, Any], out: str) -> None:
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from colossus.metrics import peak_rss_gib
+    from offload import ChunkAdamW, ChunkConfig, ChunkManager
+
+    torch.manual_seed(0)
+    shape = gpt_shape(args["params"], seq=args["seq"])
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=args["seq"], **shape)
+    with init_empty_weights():
+        model = GPT2LMHeadModel(cfg)
+    model.tie_weights()
+    nvme = args["where"] == "nvme"
+    kw = (
+        dict(
+            offload_param_frac=1.0,
+            offload_optim_frac=1.0,
+            nvme_optim_frac=1.0,
+            nvme_param_frac=1.0,
+            nvme_dir=args["nvme_dir"],
+        )
+        if nvme
+        else {}
+    )
+    mgr = ChunkManager(model, ChunkConfig(**kw))
+    opt = ChunkAdamW(mgr, lr=1e-4, betas=(0.9, 0.999))
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for s in range(args["steps"] + 1):
+        ids = torch.randint(0, VOCAB, (args["batch"], args["seq"]), generator=g)
+        st = mgr.swapper.store if nvme else None
+        r0, w0, b0 = (st.bytes_read, st.bytes_written, st.busy_s) if st else (0, 0, 0.0)
+        t = time.perf_counter()
+        loss = mgr.module(input_ids=ids, labels=ids).loss
+        mgr.backward(loss)
+        mgr.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        dt = time.perf_counter() - t
+        row = {"step": s, "step_time_s": dt, "loss": float(loss.detach())}
+        if st:
+            row |= {
+                "read_gb": (st.bytes_read - r0) / 1e9,
+                "written_gb": (st.bytes_written - w0) / 1e9,
+                "io_busy_s": st.busy_s - b0,
+            }
+        rows.append(row)
+    if nvme:
+        mgr.close()
+    Path(out).write_text(
+        json.dumps({"rows": rows, "params": sum(c.used for c in mgr.chunks), "rss": peak_rss_gib()})
+    )
+
+
+def _train(args: dict[str, Any], where: str) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    cmd = [
+        sys.executable,
+        "-m",
+        "colossus.bench.nvme",
+        "--args",
+        json.dumps(args | {"where": where}),
+    ]
+    print(f"[bench nvme] training with the model on {where} ...", file=sys.stderr, flush=True)
+    subprocess.run([*cmd, "--out", out], check=True, stdout=sys.stderr)
+    res = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return res
+
+
+def run(ns: argparse.Namespace) -> int:
+    from statistics import median
+
+    from colossus.bench.common import print_table, write_json
+
+    d = Path(ns.nvme_dir).expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    nbytes = int(ns.probe_gib * 2**30)
+    req = ns.request_mib << 20
+    print(f"[bench nvme] probing {d} ...", file=sys.stderr, flush=True)
+    one = probe(str(d), nbytes, 1, req)
+    many = probe(str(d), nbytes, ns.inflight, req)
+    args = {
+        "nvme_dir": str(d),
+        "params": ns.params,
+        "seq": ns.seq,
+        "batch": ns.batch,
+        "steps": ns.steps,
+    }
+    on_disk = _train(args, "nvme")
+    in_ram = _train(args, "ram")
+    steps = on_disk["rows"][1:]  # the first step zero-fills Adam state instead of reading it
+    compute = median(r["step_time_s"] for r in in_ram["rows"][1:])
+    rows = [
+        {
+            "name": "probe, 1 request in flight",
+            "read_gbps": one["read_gbps"],
+            "write_gbps": one["write_gbps"],
+        },
+        {
+            "name": f"probe, {ns.inflight} requests in flight",
+            "read_gbps": many["read_gbps"],
+            "write_gbps": many["write_gbps"],
+        },
+    ]
+    for r in steps:
+        moved = r["read_gb"] + r["written_gb"]
+        io_bound = r["read_gb"] / many["read_gbps"] + r["written_gb"] / many["write_gbps"]
+        achieved = moved / max(r["io_busy_s"], 1e-9)
+        probe_mix = moved / io_bound  # the probe's bandwidth for this read/write mix
+        rows.append(
+            {
+                "name": f"training step {r['step']}",
+                "step_time_s": r["step_time_s"],
+                "read_gb": r["read_gb"],
+                "written_gb": r["written_gb"],
+                "tier_gbps": achieved,
+                "tier_vs_probe": achieved / probe_mix,
+                "compute_s": compute,
+                "io_bound_s": io_bound,
+                "step_vs_bound": r["step_time_s"] / max(compute, io_bound),
+            }
+        )
+    print_table(
+        f"bench nvme: {d} ({'O_DIRECT' if many['direct'] else 'buffered'}), "
+        f"GPT {on_disk['params'] / 1e9:.2f} B params on NVMe",
+        rows,
+    )
+    write_json(
+        ns.json, "nvme", rows, args | {"inflight": ns.inflight, "request_mib": ns.request_mib}
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--args", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    _worker(json.loads(a.args), a.out)

@@ -1,0 +1,27 @@
+"""``colossus bench nvme`` end to end at a small size: a probe row per in-flight setting, one row
+per measured training step with the tier's bandwidth and the step-vs-bound ratio."""
+
+import json
+import math
+
+import pytest
+
+from colossus.cli import main
+
+
+@pytest.mark.slow
+def test_bench_nvme_small(tmp_path):
+    out = tmp_path / "nvme.json"
+    argv = ["bench", "nvme", "--nvme-dir", str(tmp_path / "d"), "--probe-gib", "0.0625"]
+    argv += ["--params", "2e7", "--seq", "32", "--steps", "1", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    probes = [r for r in rows if r["name"].startswith("probe")]
+    steps = [r for r in rows if r["name"].startswith("training")]
+    assert len(probes) == 2 and len(steps) == 1
+    for r in probes:
+        assert r["read_gbps"] > 0 and r["write_gbps"] > 0
+    s = steps[0]
+    assert s["read_gb"] > 0 and s["written_gb"] > 0 and s["tier_gbps"] > 0
+    assert math.isfinite(s["step_vs_bound"]) and s["step_vs_bound"] > 0
+    assert list((tmp_path / "d").iterdir()) == []  # probe and training stores cleaned up
