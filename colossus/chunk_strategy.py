@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from colossus.checkpoint import CheckpointWriter, load_json, load_tensors
-from colossus.config import OptimConfig
+from colossus.config import ChunkStrategyConfig, OptimConfig
 from colossus.errors import CheckpointError, ConfigError, StorageError
 from colossus.strategy import Strategy
 from offload import ChunkAdamW, ChunkConfig, ChunkManager
@@ -64,6 +64,27 @@ def _storage_errors():
         ) from e
 
 
+def chunk_config(cc: ChunkStrategyConfig, device: torch.device, **extra) -> ChunkConfig:
+    """The offload library's config from the schema's ``strategy.chunk`` section."""
+    return ChunkConfig(
+        chunk_size=cc.chunk_size,
+        offload_param_frac=cc.offload_param_frac,
+        offload_optim_frac=cc.offload_optim_frac,
+        device_budget=None if cc.device_budget is None else int(cc.device_budget),
+        host_budget=None if cc.host_budget is None else int(cc.host_budget),
+        keep_gathered=cc.keep_gathered,
+        keep_gathered_frac=cc.keep_gathered_frac,
+        nvme_dir=cc.nvme_dir,
+        nvme_optim_frac=cc.nvme_optim_frac,
+        nvme_param_frac=cc.nvme_param_frac,
+        nvme_prefetch=cc.nvme_prefetch,
+        nvme_io_threads=cc.nvme_io_threads,
+        dtype=DTYPES[cc.dtype],
+        device=device,
+        **extra,
+    )
+
+
 class ChunkStrategy(Strategy):
     """ZeRO-3 over the default process group with chunked, tier-placed model state."""
 
@@ -79,26 +100,8 @@ class ChunkStrategy(Strategy):
                 if b is not None:
                     mod._buffers[k] = b.to(dev)
         try:
-            self.mgr = ChunkManager(
-                model,
-                ChunkConfig(
-                    chunk_size=cc.chunk_size,
-                    offload_param_frac=cc.offload_param_frac,
-                    offload_optim_frac=cc.offload_optim_frac,
-                    device_budget=None if cc.device_budget is None else int(cc.device_budget),
-                    host_budget=None if cc.host_budget is None else int(cc.host_budget),
-                    keep_gathered=cc.keep_gathered,
-                    keep_gathered_frac=cc.keep_gathered_frac,
-                    nvme_dir=cc.nvme_dir,
-                    nvme_optim_frac=cc.nvme_optim_frac,
-                    nvme_param_frac=cc.nvme_param_frac,
-                    nvme_prefetch=cc.nvme_prefetch,
-                    nvme_io_threads=cc.nvme_io_threads,
-                    dtype=DTYPES[cc.dtype],
-                    param_source=getattr(model, "colossus_param_source", None),
-                    device=dev,
-                ),
-            )
+            source = getattr(model, "colossus_param_source", None)
+            self.mgr = ChunkManager(model, chunk_config(cc, dev, param_source=source))
         except (ValueError, TypeError, NvmeError) as e:
             raise ConfigError(f"strategy.chunk: {e}") from None
         self.model = self.engine = model
@@ -136,6 +139,7 @@ class ChunkStrategy(Strategy):
         for tier, r in rep.items():
             out[f"{tier}_gib"] = r["total"] / 2**30
             out[f"{tier}_peak_gib"] = r["peak"] / 2**30
+            out[f"{tier}_plan_gib"] = self.mgr.plan.get(tier, 0) / 2**30  # predicted up front
         if self.mgr.scaler is not None:
             out["loss_scale"] = self.mgr.scaler.scale
             out["skipped_steps"] = self.skipped_steps

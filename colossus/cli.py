@@ -45,11 +45,14 @@ def _build_parser() -> argparse.ArgumentParser:
               colossus train recipes/gpt2-tiny.yaml --set train.max_steps=100
               colossus generate RUN_DIR/checkpoints/step-00000300 --prompt "def "
               colossus export RUN_DIR/checkpoints/step-00000300 exported/gpt2-tiny
-              colossus bench step --recipe recipes/gpt2-tiny.yaml --json step.json
+              colossus plan recipes/gpt2-tiny-chunk.yaml --world-size 2
+              colossus bench step --model gpt2-124m --json step.json
             """
         ),
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,generate,export,bench}")
+    sub = p.add_subparsers(
+        dest="command", required=True, metavar="{train,plan,generate,export,bench}"
+    )
 
     t = sub.add_parser(
         "train", help="train from a YAML recipe", epilog=TRAIN_EXAMPLES, formatter_class=fmt
@@ -70,6 +73,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="resume from a checkpoint (latest = newest under the run dir)",
     )
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    pl = sub.add_parser(
+        "plan",
+        help="where params / grads / optimizer state / activations will live, before running",
+        formatter_class=fmt,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              colossus plan recipes/gpt2-tiny-chunk.yaml --world-size 2
+              colossus plan recipes/gpt2-tiny.yaml --set strategy.name=chunk \\
+                  --set strategy.chunk.host_budget=64MiB
+            exit status 2 when the placement cannot fit its budgets (with a fix that would).
+            """
+        ),
+    )
+    pl.add_argument("recipe", help="YAML recipe (see recipes/)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    pl.add_argument("--world-size", type=int, default=1, help="data-parallel ranks to plan for")
+    pl.add_argument(
+        "--disk-gbps", type=float, default=None, help="NVMe bandwidth (default: probe nvme_dir)"
+    )
 
     g = sub.add_parser(
         "generate",
@@ -121,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "plan":
+            from colossus.config import TrainingConfig
+            from colossus.plan import run_plan
+
+            cfg = TrainingConfig.from_yaml(args.recipe, args.overrides)
+            return run_plan(cfg, args.world_size, args.disk_gbps)
         if args.command == "generate":
             from colossus.export import generate_text
 

@@ -91,7 +91,7 @@ class RunLogger:
         tiers = [
             (k[4:-4], v)
             for k, v in record.items()
-            if k.startswith("mem_") and k.endswith("_gib") and "peak" not in k
+            if k.startswith("mem_") and k.endswith("_gib") and "peak" not in k and "plan" not in k
         ]
         if tiers:  # model state per tier (strategy chunk)
             info += "  " + " ".join(f"{t} {v:.2f}" for t, v in tiers) + " GiB"

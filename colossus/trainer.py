@@ -302,7 +302,11 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "global_batch": self.global_batch,
         }
-        summary |= {f"mem_{k}": v for k, v in self.strategy.memory_report().items() if "peak" in k}
+        summary |= {  # measured peak per tier next to the one predicted up front
+            f"mem_{k}": v
+            for k, v in self.strategy.memory_report().items()
+            if "peak" in k or "plan" in k
+        }
         if last_eval:
             summary |= last_eval
         summary["run_dir"] = str(self.run_dir)

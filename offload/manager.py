@@ -194,10 +194,14 @@ class ChunkManager:
         module: nn.Module,
         config: ChunkConfig | None = None,
         process_group: Any = None,
+        dry_run_world_size: int | None = None,
     ) -> None:
         self.config = cfg = config or ChunkConfig()
         self.group = process_group
-        if dist.is_available() and dist.is_initialized():
+        dry = dry_run_world_size is not None
+        if dry:  # plan only: lay out chunks and tiers for that many ranks, allocate nothing
+            self.world_size, self.rank = dry_run_world_size, 0
+        elif dist.is_available() and dist.is_initialized():
             self.world_size = dist.get_world_size(process_group)
             self.rank = dist.get_rank(process_group)
         else:
@@ -208,7 +212,7 @@ class ChunkManager:
             raise ValueError("module has no parameters to manage")
         self.device = torch.device(cfg.device) if cfg.device is not None else first.device
         self._materializer: Materializer | None = None
-        if has_meta_params(module):  # lazy init: materialised chunk by chunk below
+        if has_meta_params(module) and not dry:  # lazy init: materialised chunk by chunk below
             if self.device.type == "meta":
                 self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
             self._materializer = Materializer(module, cfg.init_fn, cfg.param_source)
@@ -220,7 +224,7 @@ class ChunkManager:
             self.tiers["nvme"] = Tier("nvme", torch.device("cpu"))
         self.swapper: ShardSwapper | None = None
         self.fetcher: ParamFetcher | None = None
-        if cfg.host_budget is not None or cfg.nvme_optim_frac > 0:
+        if (cfg.host_budget is not None or cfg.nvme_optim_frac > 0) and not dry:
             bound_host_memory()  # RSS must track what is live, not what was ever staged
         self.dtype = cfg.dtype
         self.scaler = (
@@ -252,7 +256,9 @@ class ChunkManager:
         nbytes = [c.capacity for c in reversed(self.chunks)]
         for c, keep in zip(reversed(self.chunks), static_placement(nbytes, frac)):
             c.keep_gathered = keep
-        self._place()
+        self._place(dry)
+        if dry:
+            return
         for c in self.chunks:
             self._init_storage(c)
             if self._materializer is not None or self.swapper is not None:
@@ -308,7 +314,7 @@ class ChunkManager:
             self._otier(c).device
         )
 
-    def _place(self) -> None:
+    def _place(self, dry: bool = False) -> None:
         cfg = self.config
         nbytes = [c.capacity * self.dtype.itemsize for c in self.chunks]
         p_off = static_placement(nbytes, cfg.offload_param_frac)
@@ -344,27 +350,39 @@ class ChunkManager:
             need["host"] += 4 * 4 * top
             if any(c.param_tier == "nvme" for c in self.chunks):
                 need["host"] += 4 * (sum(big[: cfg.nvme_prefetch + 1]) + top)
-        work = max(c.capacity for c in self.chunks) * self.dtype.itemsize * 2  # payload + grads
+        w = self.dtype.itemsize
+        caps = sorted((c.capacity for c in self.chunks), reverse=True)
+        # gradient buffers alive at once in backward: a tied embedding's (its first gradient
+        # comes first, its last comes last), a shared no-decay chunk's, and the one being reduced;
+        # on one rank without budgets every chunk keeps its buffer between steps (recycled)
+        need["device"] += (sum(caps) if self._recycle_grads else sum(caps[:3])) * w
         needs_gather = self.world_size > 1 or self.tiers["host"].device != self.device
         if needs_gather or any(c.param_tier != "device" for c in self.chunks):
-            need["device"] += work
+            need["device"] += caps[0] * w  # the gathered payload in use
             kept = [c for c in self.chunks if c.keep_gathered]
-            need["device"] += sum(c.capacity for c in kept) * self.dtype.itemsize
+            need["device"] += sum(c.capacity for c in kept) * w
+        self.plan = dict(need)  # predicted peak bytes per tier (model state + staging + working)
+        self.plan.setdefault("nvme", 0)
         self.nvme_bytes = need.pop("nvme", 0)
-        if self.nvme_bytes:
+        checks = dict(need)
+        if self.tiers["device"].device == self.tiers["host"].device:
+            # a CPU-only box: the device tier is the same RAM, the host budget covers both
+            checks["host"] = need["host"] + need["device"]
+        for t, n in checks.items():  # before anything is allocated or created
+            b = self.tiers[t].budget
+            if b is not None and n > b and not dry:
+                raise ValueError(
+                    f"{t} budget {b} B is too small: model state placed there needs {n} B "
+                    f"({n - b} B more), including one gathered chunk + its gradient buffer. "
+                    "Raise the budget, offload more (offload_param_frac / offload_optim_frac, "
+                    "nvme_optim_frac / nvme_param_frac), use more ranks, or a smaller chunk_size; "
+                    "`colossus plan` finds a placement that fits."
+                )
+        if self.nvme_bytes and not dry:
             store = NvmeStore(cfg.nvme_dir, self.nvme_bytes, io_threads=cfg.nvme_io_threads)
             self.swapper = ShardSwapper(store, max_nvme_shard, cfg.nvme_prefetch)
             if any(c.param_tier == "nvme" for c in self.chunks):
                 self.fetcher = ParamFetcher(self.swapper, cfg.nvme_prefetch)
-        for t, n in need.items():
-            b = self.tiers[t].budget
-            if b is not None and n > b:
-                raise ValueError(
-                    f"{t} budget {b} B is too small: model state placed there needs {n} B "
-                    f"({n - b} B more), including one gathered chunk + its gradient buffer. "
-                    "Raise the budget, offload more (offload_param_frac / offload_optim_frac), "
-                    "use more ranks, or a smaller chunk_size."
-                )
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         if dtype not in self._placeholders:

@@ -1,0 +1,270 @@
+"""``colossus plan``: where a run's memory will live, before running it.
+
+The model is built on the ``meta`` device (nothing allocated), the chunk manager lays out its
+chunks and tiers in dry-run mode for the given number of ranks, and the plan reports per tier:
+parameters, gradients, optimizer state (+ fp32 masters), staging / working buffers, activations
+(an estimate, below), the disk the NVMe tier needs, and an estimate of the step time from the
+measured matmul throughput and disk bandwidth. If the placement cannot fit the budgets the plan
+says by how much, searches the offload fractions for one that fits, and exits with status 2.
+
+Activations (per rank, fp32, no recomputation) follow Korthikanti et al. 2022 ("Reducing
+Activation Recomputation in Large Transformer Models"): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes in
+16-bit, doubled for fp32; with activation checkpointing only each layer's input (``s*b*h``
+values) is kept, plus one layer's worth during recomputation.
+
+Example::
+
+    colossus plan recipes/gpt2-tiny-chunk.yaml --world-size 2
+    colossus plan recipes/gpt2-tiny.yaml --set strategy.name=chunk --set strategy.chunk.host_budget=1GiB
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from colossus.config import TrainingConfig
+
+GIB = 2**30
+
+
+@dataclass
+class Plan:
+    params: int
+    world_size: int
+    strategy: str
+    tiers: dict[str, dict[str, float]] = field(default_factory=dict)  # tier -> what -> bytes
+    budgets: dict[str, int | None] = field(default_factory=dict)
+    same_memory: bool = False  # CPU-only: device and host are one RAM, the host budget covers both
+    step_flops: float = 0.0
+    io_bytes_per_step: float = 0.0
+    chunks: int = 0
+
+    def total(self, tier: str) -> float:
+        return sum(self.tiers.get(tier, {}).values())
+
+    def need(self, tier: str) -> float:
+        """Bytes the tier's budget must cover."""
+        if tier == "host" and self.same_memory:
+            return self.total("host") + self.total("device")
+        return self.total(tier)
+
+    def over(self) -> dict[str, float]:
+        """Tiers whose need exceeds the budget, by how many bytes."""
+        return {
+            t: self.need(t) - b
+            for t, b in self.budgets.items()
+            if b is not None and self.need(t) > b
+        }
+
+
+def _meta_model(cfg: TrainingConfig):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from colossus.models import _auto_class, build_hf_config
+
+    if cfg.model.path:
+        hf = AutoConfig.from_pretrained(cfg.model.path)
+    else:
+        hf = build_hf_config(cfg.model, vocab_size=cfg.data.tokenizer.vocab_size)
+    with init_empty_weights():
+        model = _auto_class(cfg.model.resolved_task).from_config(hf)
+    model.tie_weights()
+    return model, hf
+
+
+def activation_bytes(hf: Any, batch: int, seq: int, checkpointing: bool) -> float:
+    """Per-rank activation memory of a transformer step (see the module docstring)."""
+    h = getattr(hf, "hidden_size", None) or getattr(hf, "n_embd", None)
+    layers = getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layer", None)
+    heads = getattr(hf, "num_attention_heads", None) or getattr(hf, "n_head", None)
+    vocab = getattr(hf, "vocab_size", 0)
+    if not (h and layers and heads):
+        return 0.0
+    per_layer = seq * batch * h * (34 + 5 * heads * seq / h) * 2  # fp32: twice the 16-bit bytes
+    logits = 3 * seq * batch * vocab * 4  # logits, their softmax and its gradient
+    if checkpointing:
+        return layers * seq * batch * h * 4 + per_layer + logits
+    return layers * per_layer + logits
+
+
+def matmul_flops(seconds: float = 0.3) -> float:
+    """fp32 matmul throughput of this process (FLOP/s), measured for ``seconds``."""
+    a = torch.randn(1024, 1024)
+    b = torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 1024**3 / (time.perf_counter() - t0)
+
+
+def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
+    model, hf = _meta_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    tc = cfg.train
+    tokens = tc.batch_size * cfg.data.block_size  # per rank per micro-batch
+    ckpt = cfg.model.gradient_checkpointing
+    plan = Plan(params=n, world_size=world_size, strategy=cfg.strategy.name)
+    plan.step_flops = (8 if ckpt else 6) * n * tokens * tc.grad_accum
+    act = activation_bytes(hf, tc.batch_size, cfg.data.block_size, ckpt)
+    if cfg.strategy.name != "chunk":  # everything on the device, replicated on every rank
+        plan.tiers["device"] = {
+            "params": 4 * n,
+            "grads": 4 * n,
+            "optim_state": 8 * n,
+            "activations": act,
+        }
+        plan.budgets = {"device": None}
+        return plan
+    from colossus.chunk_strategy import chunk_config
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cc = chunk_config(cfg.strategy.chunk, dev)
+    from offload import ChunkManager
+
+    mgr = ChunkManager(model, cc, dry_run_world_size=world_size)
+    plan.chunks = len(mgr.chunks)
+    plan.same_memory = mgr.tiers["device"].device == mgr.tiers["host"].device
+    by_tier: dict[str, dict[str, float]] = {t: {} for t in mgr.tiers}
+    for c in mgr.chunks:
+        w = mgr.dtype.itemsize
+        _add(by_tier, c.param_tier, "params", c.shard_size * w)
+        if c.requires_grad:
+            grad_tier = "nvme" if c.param_tier == "nvme" else mgr._otier(c).name
+            _add(by_tier, grad_tier, "grads", c.shard_size * 4)
+            sep = mgr._separate_master(c)
+            _add(by_tier, c.optim_tier, "optim_state", c.shard_size * 4 * (2 + int(sep)))
+    for t, total in mgr.plan.items():  # what the manager adds: staging, gathered working set
+        rest = total - sum(by_tier.get(t, {}).values())
+        if rest > 0:
+            _add(by_tier, t, "staging+working", rest)
+    _add(by_tier, "device", "activations", act)
+    plan.tiers = by_tier
+    plan.budgets = {t: tier.budget for t, tier in mgr.tiers.items()}
+    plan.budgets["nvme"] = None
+    # bytes the NVMe tier moves per step (after the first): params read in forward and backward,
+    # gradients written, master / m / v / gradient read and master / m / v written by AdamW
+    io = 0.0
+    for c in mgr.chunks:
+        s = c.shard_size * 4
+        if c.param_tier == "nvme":
+            io += 2 * s + s  # params read twice, gradient written once
+        if c.optim_tier == "nvme":
+            reads = 2 + int(mgr._separate_master(c) or c.param_tier == "nvme")
+            reads += int(c.param_tier == "nvme")  # the gradient comes back from disk too
+            writes = 2 + int(mgr._separate_master(c) or c.param_tier == "nvme")
+            io += (reads + writes) * s
+    plan.io_bytes_per_step = io
+    return plan
+
+
+def _add(d: dict[str, dict[str, float]], tier: str, what: str, nbytes: float) -> None:
+    d.setdefault(tier, {})
+    d[tier][what] = d[tier].get(what, 0) + nbytes
+
+
+def suggest(cfg: TrainingConfig, world_size: int) -> str | None:
+    """The least offloading that fits the budgets. With a GPU: offload fractions up in steps of
+    0.25 first (device -> host), then NVMe; on a CPU-only box device and host are the same RAM,
+    so only moving state to NVMe (``strategy.chunk.nvme_dir`` must be set) can help."""
+    if cfg.strategy.name != "chunk":
+        return None
+    steps = [0.25, 0.5, 0.75, 1.0]
+    oo, op = "strategy.chunk.offload_optim_frac=1.0", "strategy.chunk.offload_param_frac=1.0"
+    trials: list[list[str]] = []
+    if torch.cuda.is_available():
+        trials += [[f"strategy.chunk.offload_optim_frac={f}"] for f in steps]
+        trials += [[oo, f"strategy.chunk.offload_param_frac={f}"] for f in steps]
+    if cfg.strategy.chunk.nvme_dir:
+        trials += [[oo, f"strategy.chunk.nvme_optim_frac={f}"] for f in steps]
+        nv = "strategy.chunk.nvme_optim_frac=1.0"
+        trials += [[oo, op, nv, f"strategy.chunk.nvme_param_frac={f}"] for f in steps]
+    for t in trials:
+        try:
+            c = cfg.with_overrides(t)
+        except Exception:  # an invalid combination: skip it
+            continue
+        if not make_plan(c, world_size).over():
+            return " ".join(f"--set {x}" for x in t)
+    return None
+
+
+def report_rows(plan: Plan) -> list[dict[str, Any]]:
+    rows = []
+    for tier, parts in plan.tiers.items():
+        row: dict[str, Any] = {"name": tier}
+        for k, v in parts.items():
+            row[f"{k}_gib"] = v / GIB
+        row["total_gib"] = plan.total(tier) / GIB
+        b = plan.budgets.get(tier)
+        row["budget_gib"] = "-" if b is None else b / GIB
+        rows.append(row)
+    return rows
+
+
+def run_plan(cfg: TrainingConfig, world_size: int, disk_gbps: float | None) -> int:
+    from colossus.bench.common import print_table
+
+    plan = make_plan(cfg, world_size)
+    print_table(
+        f"plan: {cfg.name}, {plan.params / 1e9:.3f} B params, strategy {plan.strategy}, "
+        f"{world_size} rank(s), {plan.chunks} chunks (per rank)",
+        report_rows(plan),
+    )
+    flops = matmul_flops()
+    compute = plan.step_flops / flops
+    est = {"compute_s": compute, "matmul_gflops": flops / 1e9}
+    if plan.io_bytes_per_step:
+        bw = disk_gbps or _probe_disk(cfg)
+        io = plan.io_bytes_per_step / (bw * 1e9)
+        est |= {"nvme_gb_per_step": plan.io_bytes_per_step / 1e9, "disk_gbps": bw, "io_s": io}
+        est["step_estimate_s"] = max(compute, io)
+        est["nvme_disk_needed_gib"] = plan.total("nvme") / GIB
+    else:
+        est["step_estimate_s"] = compute
+    print_table("plan: step estimate (compute and I/O overlap: max of the two)", [est])
+    over = plan.over()
+    if not over:
+        print("fits the budgets.")
+        return 0
+    for t, extra in over.items():
+        print(
+            f"does not fit: the {t} tier needs {_size(plan.need(t))}, its budget is "
+            f"{_size(plan.budgets[t])} ({_size(extra)} more)."
+        )
+    fix = suggest(cfg, world_size)
+    if fix:
+        print(f"would fit: {fix}")
+    else:
+        print(
+            "no offload fraction fits: raise the budgets, add ranks"
+            + (
+                ""
+                if cfg.strategy.chunk.nvme_dir
+                else ", or set strategy.chunk.nvme_dir to use the NVMe tier"
+            )
+            + "."
+        )
+    return 2
+
+
+def _size(n: float) -> str:
+    for unit, k in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _probe_disk(cfg: TrainingConfig) -> float:
+    from colossus.bench.nvme import probe
+
+    d = cfg.strategy.chunk.nvme_dir
+    if not d:
+        return 2.0
+    return probe(d, 256 << 20, 8, 4 << 20)["read_gbps"]
