@@ -133,6 +133,20 @@ class ChunkStrategy(Strategy):
     def close(self) -> None:
         self.mgr.close()
 
+    def record_memory(self, on: bool) -> None:
+        data = self.mgr.record_timeline(on)
+        if not on:
+            self._timeline = data
+
+    def save_memory_plot(self, path: Path) -> bool:
+        data = getattr(self, "_timeline", None)
+        if not data:
+            return False
+        from offload.timeline import plot_timeline
+
+        plot_timeline(data, path)
+        return True
+
     def memory_report(self) -> dict[str, float]:
         rep = self.mgr.memory_report()
         out = {}

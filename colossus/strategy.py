@@ -110,6 +110,13 @@ class Strategy:
     def close(self) -> None:
         """Release external resources (files of an NVMe tier) after a fatal error."""
 
+    def record_memory(self, on: bool) -> None:
+        """Record a memory timeline of the next step (strategies that place memory in tiers)."""
+
+    def save_memory_plot(self, path: Path) -> bool:
+        """Write the recorded timeline as a PNG; False when there is nothing to draw."""
+        return False
+
     def memory_report(self) -> dict[str, float]:
         """Model-state memory per tier (``device_gib``, ``host_gib``, ...) where the strategy
         accounts it; empty when the model simply lives on the device."""

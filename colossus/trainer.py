@@ -222,7 +222,10 @@ class Trainer:
         t_log, tok_log = time.perf_counter(), 0
         loss_acc = torch.zeros((), device=self.ctx.device)
         try:
+            timeline_step = self.step + 1  # the second step: the access plan is known by then
             while self.step < self.total_steps and not self.should_stop:
+                if self.step == timeline_step:
+                    self.strategy.record_memory(True)
                 tokens = 0
                 loss_acc.zero_()
                 for a in range(tc.grad_accum):
@@ -235,6 +238,8 @@ class Trainer:
                 grad_norm = self.strategy.clip_grad_norm(tc.max_grad_norm)
                 lr = self.scheduler.get_last_lr()[0]
                 self.strategy.optimizer_step()
+                if self.step == timeline_step:
+                    self.strategy.record_memory(False)
                 self.scheduler.step()
                 self.step += 1
                 tokens *= self.ctx.world_size
@@ -310,6 +315,8 @@ class Trainer:
         if last_eval:
             summary |= last_eval
         summary["run_dir"] = str(self.run_dir)
+        if self.ctx.is_main and cfg.logging.plot:
+            self.strategy.save_memory_plot(self.run_dir / "memory.png")
         logger.close(summary)
         for cb in self.callbacks:
             if hasattr(cb, "on_train_end"):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -453,6 +454,29 @@ class ChunkManager:
                 if s.param.requires_grad:
                     h = s.param.register_post_accumulate_grad_hook(partial(self._on_grad, c, s))
                     self._hooks.append(h)
+
+    def record_timeline(self, on: bool) -> dict[str, Any]:
+        """Start (``on``) or stop recording bytes per tier at every change and every NVMe
+        request's interval; stopping returns ``{"tiers": {name: [(t, bytes)]}, "io": [(t0, t1,
+        "read"|"write", bytes)], "t0": start}`` for :func:`offload.timeline.plot_timeline`."""
+        store = self.swapper.store if self.swapper is not None else None
+        if on:
+            self._timeline_t0 = time.perf_counter()
+            for t in self.tiers.values():
+                t.timeline = [(self._timeline_t0, t.used)]
+            if store is not None:
+                store.io_log = []
+            return {}
+        out = {
+            "t0": getattr(self, "_timeline_t0", 0.0),
+            "tiers": {n: t.timeline or [] for n, t in self.tiers.items()},
+            "io": list(store.io_log or []) if store is not None else [],
+        }
+        for t in self.tiers.values():
+            t.timeline = None
+        if store is not None:
+            store.io_log = None
+        return out
 
     def close(self) -> None:
         """Release the NVMe tier (its files are deleted); the manager is unusable afterwards

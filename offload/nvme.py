@@ -186,6 +186,7 @@ class NvmeStore:
         self.bytes_read = 0
         self.bytes_written = 0
         self.busy_s = 0.0  # wall time with at least one request in flight
+        self.io_log: list[tuple[float, float, str, int]] | None = None  # while recording
         self._busy_lock = threading.Lock()
         self._active = 0
         self._busy_since = 0.0
@@ -272,13 +273,17 @@ class NvmeStore:
             if self._active == 0:
                 self._busy_since = time.perf_counter()
             self._active += 1
+        t0 = time.perf_counter()
         try:
             self._io_loop(op, what, mv, offset)
         finally:
+            t1 = time.perf_counter()
             with self._busy_lock:
                 self._active -= 1
                 if self._active == 0:
-                    self.busy_s += time.perf_counter() - self._busy_since
+                    self.busy_s += t1 - self._busy_since
+                if self.io_log is not None:
+                    self.io_log.append((t0, t1, what, len(mv)))
 
     def _io_loop(self, op, what: str, mv: memoryview, offset: int) -> None:
         while len(mv):

@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import bisect
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -49,6 +50,7 @@ class Tier:
         self.bytes: dict[str, int] = defaultdict(int)
         self.peak = 0
         self.peak_bytes: dict[str, int] = defaultdict(int)  # per category
+        self.timeline: list[tuple[float, int]] | None = None  # (time, bytes) while recording
 
     @property
     def pin(self) -> bool:
@@ -77,6 +79,8 @@ class Tier:
             raise RuntimeError(f"tier {self.name}: {category} byte count went negative (a bug)")
         self.peak = max(self.peak, self.used)
         self.peak_bytes[category] = max(self.peak_bytes[category], self.bytes[category])
+        if self.timeline is not None:
+            self.timeline.append((time.perf_counter(), self.used))
 
     @property
     def used(self) -> int:

@@ -336,3 +336,22 @@ def test_disk_full_during_training_stops_cleanly(tmp_path, reference, monkeypatc
     ref_losses, _ = reference
     got = [r["loss"] for r in resumed.history]
     assert max(abs(a - b) for a, b in zip(got, ref_losses[5:])) <= 1e-5
+
+
+def test_memory_timeline_plot(tmp_path):
+    """RUN_DIR/memory.png: bytes per tier over the second step, with the NVMe reads and writes."""
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    cfg = config(
+        tmp_path / "run",
+        NVME_ALL | {"nvme_dir": str(nvme)},
+        logging={"progress": False, "plot": True},
+    ).with_overrides(["train.max_steps=3"])
+    t = Trainer(tiny_gpt2(), cfg, train_dataset=token_blocks())
+    t.train()
+    png = tmp_path / "run" / "memory.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    data = t.strategy._timeline
+    assert len(data["tiers"]["nvme"]) >= 1 and len(data["tiers"]["device"]) > 10
+    kinds = {w for *_, w, _ in data["io"]}
+    assert kinds == {"read", "write"}  # the step read shards and wrote gradients and state

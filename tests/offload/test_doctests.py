@@ -17,6 +17,7 @@ MODULES = [
     "offload.nvme",
     "offload.swap",
     "offload.lazy",
+    "offload.timeline",
 ]
 
 
