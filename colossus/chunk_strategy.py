@@ -154,6 +154,8 @@ class ChunkStrategy(Strategy):
             out[f"{tier}_gib"] = r["total"] / 2**30
             out[f"{tier}_peak_gib"] = r["peak"] / 2**30
             out[f"{tier}_plan_gib"] = self.mgr.plan.get(tier, 0) / 2**30  # predicted up front
+        if self.mgr.activations is not None:  # measured in the first step (offload.tracer)
+            out["activations_peak_gib"] = self.mgr.activations["total"] / 2**30
         if self.mgr.scaler is not None:
             out["loss_scale"] = self.mgr.scaler.scale
             out["skipped_steps"] = self.skipped_steps

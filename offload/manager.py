@@ -66,6 +66,7 @@ from .tiers import (
     release_host_memory,
     static_placement,
 )
+from .tracer import ActivationTracer
 
 S = SlotState
 _WORKING_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -234,6 +235,9 @@ class ChunkManager:
             else None
         )
         self.order = AccessOrder()
+        # non-model memory of the first training forward (bytes saved for backward, per module)
+        self.activations: dict[str, Any] | None = None
+        self._tracer: ActivationTracer | None = None
         self.evictions = 0
         self.gathers = 0
         # a device budget caches every gathered chunk (evicted by furthest next use)
@@ -436,6 +440,7 @@ class ChunkManager:
     def _install_hooks(self) -> None:
         root = self._module
         self._hooks.append(root.register_forward_pre_hook(self._root_pre_forward, prepend=True))
+        self._hooks.append(root.register_forward_hook(self._root_post_forward, always_call=True))
         for mod in root.modules():
             ps = list(mod.parameters(recurse=False))
             if not ps:
@@ -500,6 +505,20 @@ class ChunkManager:
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():
             self.order.start_iteration()
+            if self.activations is None and self._tracer is None:  # first training forward
+                self._tracer = ActivationTracer(self._module, self._model_storages)
+                self._tracer.__enter__()
+
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._tracer is not None:
+            tr, self._tracer = self._tracer, None
+            tr.__exit__(None, None, None)
+            self.activations = {"total": tr.total, "top": tr.top(8)}
+
+    def _model_storages(self) -> Iterator[int]:
+        for c in self.chunks:
+            if c.payload is not None and c.resident:
+                yield c.payload.untyped_storage().data_ptr()
 
     def _pre_forward(self, entries, chunks, module, args) -> None:
         self._release_lazy(keep=chunks)

@@ -18,6 +18,7 @@ MODULES = [
     "offload.swap",
     "offload.lazy",
     "offload.timeline",
+    "offload.tracer",
 ]
 
 
