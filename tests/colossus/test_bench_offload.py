@@ -49,13 +49,19 @@ def test_bench_offload_tiny(tmp_path, capsys):
         assert name in table
 
 
-def test_failed_variant_gives_error_row():
+def test_failed_variant_gives_error_row(tmp_path, monkeypatch):
     """A variant that cannot run becomes a row with the cause in ``error`` (here: both ranks of a
     2-rank run fail before their first collective), not a failed bench."""
+    import tempfile
+
     from colossus.bench.offload import _spawn
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the failed run's logs stay there
 
     args = {"model": "no-such-model", "batch": 4, "seq": 8, "steps": 1, "warmup": 0}
     row = _spawn("chunk", {**args, "threads": 1}, ranks=2, timeout=120)
     assert row["name"] == "chunk" and row["ranks"] == 2
     assert "no-such-model" in row["error"]
     assert "step_time_s" not in row
+    (logs,) = tmp_path.glob("bench-offload-chunk-*")
+    assert "no-such-model" in (logs / "rank0.log").read_text()
