@@ -88,4 +88,12 @@ def worker(cases):
             res[case] = run_case(group, *case)
         except ValueError as e:  # divisibility errors: the message is what the test checks
             res[case] = {"error": str(e)}
+    if dist.get_world_size() == 4:  # Ulysses with heads (6) not divisible by sp (4)
+        from parallel.sequence.ulysses import ulysses_attention
+
+        x = torch.zeros(1, 6, 2, 4)
+        try:
+            ulysses_attention(x, x, x, group)
+        except ValueError as e:
+            res["heads_error"] = str(e)
     return res

@@ -13,7 +13,7 @@ from spawn_helpers import spawn
 from parallel.sequence.data import check_length, split_sequence
 
 LENGTHS = {2: 12, 4: 24, 8: 48}  # L % (2 sp) == 0 for zigzag; none a power of two
-VARIANTS = ["ring_attention"]
+VARIANTS = ["ring_attention", "ring_self_attention", "ulysses"]
 ATOL = 1e-5
 
 
@@ -54,7 +54,7 @@ def _check(world: int, res: list[dict], variants: list[str]) -> None:
 def _check_comm(variant, p, n, masked, fwd, bwd):
     block = B * H * n * D * 4  # one rank's K (or V) in bytes
     f, b = fwd["sp"], bwd["sp"]
-    if masked and variant != "ulysses":
+    if masked:
         assert f["all_gather"]["calls"] == 1  # the small key padding mask, once
     if variant == "ring_attention":
         # forward: P-1 (K,V) blocks; backward: P-1 (K,V) blocks + P (dK,dV) accumulators
@@ -67,9 +67,9 @@ def _check_comm(variant, p, n, masked, fwd, bwd):
         assert b["send"]["calls"] == 2 * (2 * p - 1)
         assert b["send"]["payload"] == 2 * (2 * p - 1) * block
     else:
-        # forward: q, k, v to heads and the output back; backward: the reverse of each
-        assert f["all_to_all"]["calls"] == 4 and f["all_to_all"]["payload"] == 4 * block
-        assert b["all_to_all"]["calls"] == 4 and b["all_to_all"]["payload"] == 4 * block
+        # forward: q, k, v to heads (one fused call) and the output back; backward: reversed
+        assert f["all_to_all"]["calls"] == 2 and f["all_to_all"]["payload"] == 4 * block
+        assert b["all_to_all"]["calls"] == 2 and b["all_to_all"]["payload"] == 4 * block
         assert f["all_to_all"]["sent"] == 4 * block * (p - 1) / p
 
 
@@ -78,6 +78,10 @@ def _check_comm(variant, p, n, masked, fwd, bwd):
 def test_sequence_parallel_attention_matches_full(tmp_path, world):
     res = spawn(worker, world, tmp_path, _cases(world, VARIANTS))
     _check(world, res, VARIANTS)
+    if world == 4:
+        for r in range(world):
+            msg = res[r]["heads_error"]
+            assert "heads=6, sp=4" in msg and "valid sp for 6 heads: [1, 2, 3, 6]" in msg, msg
 
 
 def test_divisibility_rules():

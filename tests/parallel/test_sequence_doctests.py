@@ -8,6 +8,8 @@ import pytest
 MODULES = [
     "parallel.sequence.data",
     "parallel.sequence.ring_attention",
+    "parallel.sequence.ring_self_attention",
+    "parallel.sequence.ulysses",
 ]
 
 
