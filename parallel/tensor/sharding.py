@@ -62,9 +62,10 @@ def shard_rows(full: torch.Tensor, dim: int, rank: int, world: int) -> torch.Ten
     return full.chunk(world, dim=dim)[rank].clone().contiguous()
 
 
-def gather_full(p: torch.Tensor) -> torch.Tensor:
-    """The full tensor of a sharded parameter (collective over its group), else ``p`` itself."""
-    info = tp_shard(p)
+def gather_full(p: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The full tensor of a sharded parameter (collective over its group), else ``p`` itself.
+    ``like``: take the split from that parameter (to gather ``param.grad``, say)."""
+    info = tp_shard(like if like is not None else p)
     if info is None or info.world == 1:
         return p.detach()
     return comm.all_gather(p.detach(), dim=info.dim, group=info.group)

@@ -13,6 +13,7 @@ MODULES = [
     "parallel.tensor.linear_1d",
     "parallel.tensor.embedding_1d",
     "parallel.tensor.cross_entropy_1d",
+    "parallel.policies",
 ]
 
 

@@ -1,0 +1,118 @@
+"""Tensor-parallel policies for Hugging Face models: :func:`parallelize` swaps a model's layers
+for tensor-parallel ones IN PLACE (slicing its current, e.g. pretrained, weights) following the
+policy of its architecture (``gpt2``, ``bert``, ``llama``); :func:`gather_state_dict` rebuilds
+the full Hugging Face state dict (same keys, same layouts, GPT-2 ``Conv1D`` included), so
+``save_pretrained`` / ``from_pretrained`` work on the result. The model's code is untouched.
+
+Under a vocabulary-parallel LM head the logits a causal LM returns are this rank's slice of the
+vocabulary (the loss never gathers them); :func:`full_logits` gathers them when needed.
+
+Example (a world of one; under torchrun every rank runs the same lines)::
+
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from parallel.policies import gather_state_dict, parallelize
+    >>> from parallel.topology import Topology
+    >>> cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8, bos_token_id=0, eos_token_id=0)
+    >>> model = GPT2LMHeadModel(cfg)
+    >>> before = {k: v.clone() for k, v in model.state_dict().items()}
+    >>> model = parallelize(model, Topology.from_world(tp=1))
+    >>> after = gather_state_dict(model)
+    >>> all(torch.equal(before[k], after[k]) for k in before)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from parallel.policies.base import (
+    FACTORIES,
+    KeyLayout,
+    LayerFactory,
+    LayerFactory1D,
+    PolicyError,
+    Rule,
+    TPPlan,
+    VocabParallelCausalLMLoss,
+    apply_plan,
+    consolidate,
+    gather_state_dict,
+    register_factory,
+)
+from parallel.policies.bert import BertPolicy
+from parallel.policies.gpt2 import GPT2Policy
+from parallel.policies.llama import LlamaPolicy
+from parallel.tensor.mappings import gather_from_tp
+
+POLICIES: dict[str, Any] = {"gpt2": GPT2Policy, "bert": BertPolicy, "llama": LlamaPolicy}
+
+
+def policy_for(model: nn.Module) -> Any:
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt not in POLICIES:
+        raise PolicyError(
+            f"no tensor-parallel policy for model_type {mt!r}; supported: {', '.join(POLICIES)}"
+        )
+    return POLICIES[mt]()
+
+
+def parallelize(model: nn.Module, topology: Any, gather_logits: bool = False) -> nn.Module:
+    """Split ``model`` over ``topology``'s tensor-parallel group in place; returns it.
+
+    Every rank must hold the same full weights when this is called (same seed, or the same
+    checkpoint). ``gather_logits=True`` makes the LM head return full logits and keeps the
+    model's own loss (costs an all-gather of ``V`` values per token)."""
+    if getattr(model, "_colossus_tp", None) is not None:
+        raise PolicyError("the model is already parallelized")
+    policy = policy_for(model)
+    tp = topology.tp
+    policy.check(model, tp)
+    rules = policy.rules(model)
+    vocab_loss = policy.vocab_parallel_loss and not gather_logits
+    if not vocab_loss:
+        rules = [
+            Rule(r.path, r.kind, r.parts, r.conv1d, True) if r.kind == "head" else r for r in rules
+        ]
+    plan = apply_plan(model, rules, topology)
+    policy.adjust(model, tp)
+    if vocab_loss and any(r.kind == "head" for r in rules):
+        model.loss_function = VocabParallelCausalLMLoss(plan.factory)
+    # set through object: nn.Module would not register a plain object, but be explicit
+    object.__setattr__(model, "_colossus_tp", plan)
+    return model
+
+
+def tp_plan(model: nn.Module) -> TPPlan | None:
+    """What :func:`parallelize` did to ``model`` (None if it was not parallelized)."""
+    return getattr(model, "_colossus_tp", None)
+
+
+def full_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Gather vocabulary-split logits of a parallelized causal LM (identity otherwise)."""
+    plan = tp_plan(model)
+    if plan is None or logits.shape[-1] == model.config.vocab_size:
+        return logits
+    return gather_from_tp(logits, plan.topology.tp_group, dim=-1)
+
+
+__all__ = [
+    "parallelize",
+    "gather_state_dict",
+    "consolidate",
+    "full_logits",
+    "tp_plan",
+    "policy_for",
+    "register_factory",
+    "POLICIES",
+    "FACTORIES",
+    "KeyLayout",
+    "LayerFactory",
+    "LayerFactory1D",
+    "PolicyError",
+    "Rule",
+    "TPPlan",
+]
