@@ -127,7 +127,10 @@ def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group=None, async_op
     n = _nbytes(shard)
     _count(group, "all_gather", n, (p - 1) * n)
     try:
-        return _all_gather_fused(out, shard.contiguous(), group=group, async_op=async_op)
+        # flat views: gloo's fused all-gather checks out.shape[0] == p * shard.shape[0]
+        return _all_gather_fused(
+            out.view(-1), shard.contiguous().view(-1), group=group, async_op=async_op
+        )
     except (RuntimeError, NotImplementedError):
         # a backend without the fused form: list all_gather into views of ``out``
         return dist.all_gather(
@@ -161,8 +164,9 @@ def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group=None, async
     _count(group, "reduce_scatter", n, (p - 1) * n / p)
     full = full.contiguous()
     try:
+        # flat views: gloo's fused reduce-scatter checks full.shape[0] == p * out.shape[0]
         return _reduce_scatter_fused(
-            out, full, op=dist.ReduceOp.SUM, group=group, async_op=async_op
+            out.view(-1), full.view(-1), op=dist.ReduceOp.SUM, group=group, async_op=async_op
         )
     except (RuntimeError, NotImplementedError):
         # gloo builds without reduce_scatter: all-reduce a copy, keep our slice (same sum)

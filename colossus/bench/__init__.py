@@ -8,7 +8,7 @@ import argparse
 
 
 def add_bench_parser(sub, fmt) -> None:
-    from colossus.bench import bigmodel, nvme, offload, step
+    from colossus.bench import bigmodel, nvme, offload, step, tp
 
     b = sub.add_parser(
         "bench",
@@ -17,13 +17,15 @@ def add_bench_parser(sub, fmt) -> None:
         epilog="examples:\n  colossus bench step --model gpt2-124m --batch 4 --seq 128 --json step.json\n"
         "  colossus bench offload --model gpt2-124m --json bench-offload.json\n"
         "  colossus bench bigmodel --params 4e9 --host-budget 12GiB --nvme-dir /nvme\n"
-        "  colossus bench nvme --nvme-dir /nvme --json nvme.json\n",
+        "  colossus bench nvme --nvme-dir /nvme --json nvme.json\n"
+        "  colossus bench tp --json bench-tp.json --plot bench-tp.png\n",
     )
     bsub = b.add_subparsers(dest="bench", required=True)
     step.add_parser(bsub, fmt)
     offload.add_parser(bsub, fmt)
     bigmodel.add_parser(bsub, fmt)
     nvme.add_parser(bsub, fmt)
+    tp.add_parser(bsub, fmt)
 
 
 __all__ = ["add_bench_parser", "argparse"]
