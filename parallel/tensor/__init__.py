@@ -63,9 +63,10 @@ def _cls(table: dict, grid: Grid):
     return table[grid.mode]
 
 
-def make_linear(grid: Grid, linear: nn.Linear, layout: str = "a") -> GridLinear:
-    """The grid version of ``linear`` for ``grid.mode`` (its weights sliced)."""
-    return _cls(LINEAR, grid).from_full(linear, grid, layout)
+def make_linear(grid: Grid, linear: nn.Linear, layout: str = "a", parts: int = 1) -> GridLinear:
+    """The grid version of ``linear`` for ``grid.mode`` (its weights sliced); ``parts`` packed
+    output blocks (fused q|k|v) are split each on its own (see ``GridLinear``)."""
+    return _cls(LINEAR, grid).from_full(linear, grid, layout, parts)
 
 
 def make_layernorm(grid: Grid, ln: nn.LayerNorm, layout: str = "a") -> GridLayerNorm:

@@ -40,6 +40,7 @@ class _VocabParallelCE(torch.autograd.Function):
         hidden: Axis,
         rows: tuple[Axis, ...],
         ignore_index: int,
+        num_items: float | None,
     ) -> torch.Tensor:
         v_local = logits.shape[-1]
         start = hidden.index * v_local
@@ -57,6 +58,8 @@ class _VocabParallelCE(torch.autograd.Function):
         tot = torch.stack([(loss_row * valid).sum(), valid.sum().to(loss_row.dtype)])
         for a in rows:
             comm.all_reduce(tot, group=a.group)
+        if num_items is not None:  # e.g. the tokens of all micro-batches of an accumulated step
+            tot[1] = num_items
         ctx.save_for_backward(e / st[..., :1], t, inside, valid, tot[1])
         return tot[0] / tot[1]
 
@@ -65,7 +68,7 @@ class _VocabParallelCE(torch.autograd.Function):
         p, t, inside, valid, count = ctx.saved_tensors
         g = p.scatter_add(-1, t, -inside.to(p.dtype))
         g = g * (valid.to(p.dtype) * (dl / count)).unsqueeze(-1)
-        return g, None, None, None, None
+        return g, None, None, None, None, None
 
 
 def cross_entropy(
@@ -74,18 +77,20 @@ def cross_entropy(
     grid: Grid | Layout,
     layout: str = "a",
     ignore_index: int = -100,
+    num_items: float | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over all tokens of the tensor-parallel group (the same scalar on every
     rank), equal to ``F.cross_entropy`` of the full logits and targets. ``logits``: this rank's
     ``(batch block, ..., vocab block)``; ``target``: the same batch block (``split_input(...,
-    hidden=False)`` in the logits' layout: in 3d the head's output layout, usually ``"b"``)."""
+    hidden=False)`` in the logits' layout: in 3d the head's output layout, usually ``"b"``).
+    ``num_items``: divide the summed loss by this instead of the count of non-ignored targets."""
     lay = grid if isinstance(grid, Layout) else grid.layout(layout)
     if logits.shape[:-1] != target.shape:
         raise ValueError(
             f"cross_entropy: logits {tuple(logits.shape)} and target {tuple(target.shape)} "
             "must agree on every dimension but the last"
         )
-    return _VocabParallelCE.apply(logits, target, lay.hidden, lay.rows, ignore_index)
+    return _VocabParallelCE.apply(logits, target, lay.hidden, lay.rows, ignore_index, num_items)
 
 
 __all__ = ["cross_entropy"]

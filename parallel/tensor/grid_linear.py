@@ -5,6 +5,10 @@ The weight is kept in math layout ``W = linear.weight.T`` (``in x out``): dimens
 over ``w_axes0`` (outermost first), dimension 1 over ``w_axes1``. The bias is split like the
 hidden dimension of the output: its block of the output's hidden axis, further split over the
 output layout's row axes (1/tp per rank in every mode).
+
+``parts``: the output features are ``parts`` packed blocks (a fused q|k|v projection); each is
+split over the output's hidden axis separately, so a rank's output block holds a slice of every
+part (whole heads of q, k and v when the head count divides by the axis size).
 """
 
 from __future__ import annotations
@@ -32,26 +36,27 @@ class GridLinear(nn.Module):
         layout: str = "a",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        parts: int = 1,
     ) -> None:
         super().__init__()
         if grid.mode != self.mode:
             raise ValueError(f"{type(self).__name__} needs a {self.mode} grid; got {grid.mode}")
         self.in_features, self.out_features = in_features, out_features
-        self.grid, self.layout = grid, layout
+        self.grid, self.layout, self.parts = grid, layout, parts
         self.in_layout: Layout = grid.layout(layout)
         self.out_layout: Layout = grid.layout(self.output_layout_name)
         p0, _ = shard_index(self.w_axes0)
         p1, _ = shard_index(self.w_axes1)
         pb, _ = shard_index(self.b_axes)
         name = type(self).__name__
-        for n, parts, what in (
+        for n, div, what in (
             (in_features, p0, "in_features"),
-            (out_features, p1, "out_features"),
+            (out_features, p1 * parts, "out_features" + (f" ({parts} parts)" if parts > 1 else "")),
             (in_features, self.in_layout.hidden.size, "in_features"),
         ):
-            if n % parts:
+            if n % div:
                 raise ValueError(
-                    f"{name}: {what}={n} must be divisible by {parts} on a {grid.mode} grid "
+                    f"{name}: {what}={n} must be divisible by {div} on a {grid.mode} grid "
                     f"of {grid.tp} ranks (q={grid.q})"
                 )
         if bias and out_features % (p1 * pb):
@@ -99,7 +104,9 @@ class GridLinear(nn.Module):
         return y
 
     @classmethod
-    def from_full(cls, linear: nn.Linear, grid: Grid, layout: str = "a") -> GridLinear:
+    def from_full(
+        cls, linear: nn.Linear, grid: Grid, layout: str = "a", parts: int = 1
+    ) -> GridLinear:
         """This rank's shard of ``linear`` (the same full layer on every rank)."""
         m = cls(
             linear.in_features,
@@ -109,6 +116,7 @@ class GridLinear(nn.Module):
             layout=layout,
             dtype=linear.weight.dtype,
             device=linear.weight.device,
+            parts=parts,
         )
         with torch.no_grad():
             m.weight.copy_(m.shard_weight(linear.weight.detach().t()))
@@ -116,29 +124,41 @@ class GridLinear(nn.Module):
                 m.bias.copy_(m.shard_bias(linear.bias.detach()))
         return m
 
+    def _pack(self, t: torch.Tensor, dim: int, undo: bool = False) -> torch.Tensor:
+        """Output features ``[p0 | p1 | ...]`` <-> ``[p0_0 p1_0 ... | p0_1 p1_1 ... | ...]`` (the
+        ``q`` blocks of the output's hidden axis each hold a slice of every part)."""
+        n = self.w_axes1[0].size if self.w_axes1 else 1
+        if self.parts == 1 or n == 1:
+            return t
+        t = t.movedim(dim, 0)
+        shape = (n, self.parts) if undo else (self.parts, n)
+        t = t.reshape(*shape, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        return t.movedim(0, dim).contiguous()
+
     def shard_weight(self, w: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a full ``in x out`` weight."""
         p0, i0 = shard_index(self.w_axes0)
         p1, i1 = shard_index(self.w_axes1)
-        return block(block(w, 0, p0, i0), 1, p1, i1)
+        return block(block(self._pack(w, 1), 0, p0, i0), 1, p1, i1)
 
     def shard_bias(self, b: torch.Tensor) -> torch.Tensor:
         p1, i1 = shard_index(self.w_axes1)
         pb, ib = shard_index(self.b_axes)
-        return block(block(b, 0, p1, i1), 0, pb, ib)
+        return block(block(self._pack(b, 0), 0, p1, i1), 0, pb, ib)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
         """The full weight in ``nn.Linear`` layout ``(out, in)``, on every rank (collective)."""
         w = gather(self.weight.detach(), gather_axes(self.w_axes0), dim=0)
-        return gather(w, gather_axes(self.w_axes1), dim=1).t().contiguous()
+        w = gather(w, gather_axes(self.w_axes1), dim=1)
+        return self._pack(w, 1, undo=True).t().contiguous()
 
     @torch.no_grad()
     def full_bias(self) -> torch.Tensor | None:
         if self.bias is None:
             return None
         b = gather(self.bias.detach(), gather_axes(self.b_axes), dim=0)
-        return gather(b, gather_axes(self.w_axes1), dim=0)
+        return self._pack(gather(b, gather_axes(self.w_axes1), dim=0), 0, undo=True)
 
     def to_full(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the gathered weights (collective)."""
@@ -155,6 +175,7 @@ class GridLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, layout={self.layout!r}, tp={self.grid.tp}"
+            + (f", parts={self.parts}" if self.parts > 1 else "")
         )
 
 

@@ -106,16 +106,29 @@ def split_input(
     return x.contiguous()
 
 
-@torch.no_grad()
+class _GatherOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, lay: Layout, hidden: bool) -> torch.Tensor:
+        ctx.lay, ctx.hidden = lay, hidden
+        if hidden:
+            y = gather(y, [lay.hidden], dim=y.dim() - 1)
+        return gather(y, gather_axes(lay.rows), dim=0)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        # every rank computes the same loss from the full output: its gradient is the same
+        # everywhere and this rank's part of it is its block (Megatron's gather backward)
+        return split_input(g, ctx.lay, hidden=ctx.hidden), None, None
+
+
 def gather_output(
     y: torch.Tensor, grid: Grid | Layout, layout: str = "a", hidden: bool = True
 ) -> torch.Tensor:
-    """The full tensor from every rank's part (the inverse of :func:`split_input`; no autograd).
-    In 3d, the output of a layout-"a" linear layer is in layout ``"b"``."""
-    lay = _layout(grid, layout)
-    if hidden:
-        y = gather(y, [lay.hidden], dim=-1 % y.dim())
-    return gather(y, gather_axes(lay.rows), dim=0)
+    """The full tensor from every rank's part (the inverse of :func:`split_input`). In 3d, the
+    output of a layout-"a" linear layer is in layout ``"b"``. Differentiable for a loss computed
+    the same way on every rank from the full tensor (e.g. full logits): the backward keeps this
+    rank's block of the gradient, no communication."""
+    return _GatherOutput.apply(y, _layout(grid, layout), hidden)
 
 
 __all__ = [

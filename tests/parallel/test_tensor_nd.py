@@ -104,11 +104,42 @@ def _check_head(grid, layout: str):
     out = m.output_layout_name
     loss = cross_entropy(m(x_loc), split_input(target, grid, out, hidden=False), grid, out)
     loss.backward()
-    return {
+    res = {
         "loss": _err(loss.detach(), loss_ref.detach()),
         "dx": _err(gather_output(x_loc.grad, grid, layout), x.grad),
         "dw": _err(_full_grads(m)[0], head.weight.grad),
         "param_bytes": _param_bytes(m) * grid.tp - head.weight.numel() * 4,
+    }
+    # num_items: the summed loss over a given token count (gradient accumulation)
+    t_loc = split_input(target, grid, out, hidden=False)
+    with torch.no_grad():
+        s = cross_entropy(m(x_loc), t_loc, grid, out, num_items=100)
+        ref = F.cross_entropy(head(x).flatten(0, 1), target.flatten(), reduction="sum") / 100
+    res["num_items"] = _err(s, ref)
+    # full logits through the differentiable gather_output: same loss and gradients
+    m.zero_grad()
+    x2 = split_input(x.detach(), grid, layout).requires_grad_()
+    logits = gather_output(m(x2), grid, out)
+    F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
+    res["gathered/dx"] = _err(gather_output(x2.grad, grid, layout), x.grad)
+    res["gathered/dw"] = _err(_full_grads(m)[0], head.weight.grad)
+    return res
+
+
+def _check_packed(grid, layout: str):
+    """A fused q|k|v projection (parts=3): every output block holds a slice of each part."""
+    torch.manual_seed(6)
+    full = nn.Linear(H, 48)
+    m = make_linear(grid, full, layout, parts=3)
+    x = torch.randn(B, S, H)
+    y = gather_output(m(split_input(x, grid, layout)).detach(), grid, m.output_layout_name)
+    q = m.out_layout.hidden.size
+    # packed order [p0_0 p1_0 p2_0 | p0_1 ...] back to [p0 | p1 | p2]
+    y = y.reshape(B, S, q, 3, 16 // q).transpose(2, 3).reshape(B, S, 48)
+    return {
+        "out": _err(y, full(x).detach()),
+        "roundtrip_w": float((m.full_weight() - full.weight).abs().max() > 0),
+        "roundtrip_b": float((m.full_bias() - full.bias).abs().max() > 0),
     }
 
 
@@ -135,6 +166,8 @@ def _cases(grid, layouts) -> dict[str, float]:
             res[f"embedding/{lay}/{k}"] = v
         for k, v in _check_head(grid, lay).items():
             res[f"head_ce/{lay}/{k}"] = v
+        for k, v in _check_packed(grid, lay).items():
+            res[f"packed/{lay}/{k}"] = v
     # a 3d linear pair a -> b -> a keeps the layout of a residual stream
     if grid.mode == "3d":
         torch.manual_seed(5)
