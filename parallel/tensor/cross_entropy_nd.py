@@ -42,6 +42,8 @@ class _VocabParallelCE(torch.autograd.Function):
         ignore_index: int,
         num_items: float | None,
     ) -> torch.Tensor:
+        ctx.dtype = logits.dtype
+        logits = logits.float()  # softmax statistics in fp32 whatever the logits' dtype
         v_local = logits.shape[-1]
         start = hidden.index * v_local
         m = logits.detach().amax(-1, keepdim=True)
@@ -68,7 +70,7 @@ class _VocabParallelCE(torch.autograd.Function):
         p, t, inside, valid, count = ctx.saved_tensors
         g = p.scatter_add(-1, t, -inside.to(p.dtype))
         g = g * (valid.to(p.dtype) * (dl / count)).unsqueeze(-1)
-        return g, None, None, None, None, None
+        return g.to(ctx.dtype), None, None, None, None, None
 
 
 def cross_entropy(

@@ -38,6 +38,8 @@ class _NormalizeFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, hidden: Axis, n: int, eps: float) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        x = x.float()  # statistics in fp32 under bf16 / fp16 autocast-free mixed precision
         s = x.sum(-1, keepdim=True)
         comm.all_reduce(s, group=hidden.group)
         xc = x - s / n
@@ -47,15 +49,17 @@ class _NormalizeFn(torch.autograd.Function):
         x_hat = xc * rstd
         ctx.save_for_backward(x_hat, rstd)
         ctx.hidden, ctx.n = hidden, n
-        return x_hat
+        return x_hat.to(ctx.dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_hat, rstd = ctx.saved_tensors
+        g = g.float()
         st = torch.cat([g.sum(-1, keepdim=True), (g * x_hat).sum(-1, keepdim=True)], -1)
         comm.all_reduce(st, group=ctx.hidden.group)
         st = st / ctx.n
-        return rstd * (g - st[..., :1] - x_hat * st[..., 1:]), None, None, None
+        dx = rstd * (g - st[..., :1] - x_hat * st[..., 1:])
+        return dx.to(ctx.dtype), None, None, None
 
 
 class GridLayerNorm(nn.Module):
