@@ -37,7 +37,13 @@ from parallel.tensor.embedding_nd import Embedding2D, Embedding2p5D, Embedding3D
 from parallel.tensor.grid import Grid, Layout, build_grid, check_shape
 from parallel.tensor.grid_linear import GridLinear
 from parallel.tensor.grid_ops import gather_output, split_input
-from parallel.tensor.layernorm_nd import GridLayerNorm, LayerNorm2D, LayerNorm2p5D, LayerNorm3D
+from parallel.tensor.layernorm_nd import (
+    GridLayerNorm,
+    GridRMSNorm,
+    LayerNorm2D,
+    LayerNorm2p5D,
+    LayerNorm3D,
+)
 from parallel.tensor.linear_1d import ColumnParallelLinear, RowParallelLinear
 from parallel.tensor.linear_2d import Linear2D
 from parallel.tensor.linear_2p5d import Linear2p5D
@@ -69,8 +75,15 @@ def make_linear(grid: Grid, linear: nn.Linear, layout: str = "a", parts: int = 1
     return _cls(LINEAR, grid).from_full(linear, grid, layout, parts)
 
 
-def make_layernorm(grid: Grid, ln: nn.LayerNorm, layout: str = "a") -> GridLayerNorm:
-    return _cls(LAYERNORM, grid).from_full(ln, grid, layout)
+def make_layernorm(grid: Grid, ln: nn.Module, layout: str = "a") -> GridLayerNorm | GridRMSNorm:
+    """The grid version of a LayerNorm, or of an RMSNorm (``nn.RMSNorm``, ``LlamaRMSNorm``:
+    anything without a ``bias`` attribute but with ``variance_epsilon`` or of type RMSNorm)."""
+    if isinstance(ln, nn.LayerNorm):
+        return _cls(LAYERNORM, grid).from_full(ln, grid, layout)
+    if isinstance(ln, nn.RMSNorm) or hasattr(ln, "variance_epsilon"):
+        _cls(LAYERNORM, grid)  # same mode check
+        return GridRMSNorm.from_full(ln, grid, layout)
+    raise TypeError(f"make_layernorm: no grid version of {type(ln).__name__}")
 
 
 def make_embedding(grid: Grid, emb: nn.Embedding, layout: str = "a") -> GridEmbedding:
@@ -99,6 +112,7 @@ __all__ = [
     "GridEmbedding",
     "GridLayerNorm",
     "GridLinear",
+    "GridRMSNorm",
     "LayerNorm2D",
     "LayerNorm2p5D",
     "LayerNorm3D",

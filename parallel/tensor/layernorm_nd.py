@@ -171,4 +171,98 @@ class LayerNorm3D(GridLayerNorm):
     mode = "3d"
 
 
-__all__ = ["GridLayerNorm", "LayerNorm2D", "LayerNorm2p5D", "LayerNorm3D"]
+class _RMSNormalizeFn(torch.autograd.Function):
+    """``x_hat = x / sqrt(mean(x^2) + eps)`` over a hidden dimension split over ``hidden``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, hidden: Axis, n: int, eps: float) -> torch.Tensor:
+        ctx.dtype = x.dtype
+        x = x.float()
+        ss = (x * x).sum(-1, keepdim=True)
+        comm.all_reduce(ss, group=hidden.group)
+        rstd = torch.rsqrt(ss / n + eps)
+        x_hat = x * rstd
+        ctx.save_for_backward(x_hat, rstd)
+        ctx.hidden, ctx.n = hidden, n
+        return x_hat.to(ctx.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x_hat, rstd = ctx.saved_tensors
+        g = g.float()
+        m = (g * x_hat).sum(-1, keepdim=True)
+        comm.all_reduce(m, group=ctx.hidden.group)
+        return (rstd * (g - x_hat * m / ctx.n)).to(ctx.dtype), None, None, None
+
+
+class GridRMSNorm(nn.Module):
+    """RMSNorm (``nn.RMSNorm``, Llama's ``LlamaRMSNorm``) on any grid: one all-reduce of the row
+    sums of squares over the hidden axis in forward, one in backward; the weight split 1/tp
+    like :class:`GridLayerNorm`'s.
+
+    Example (a world of one)::
+
+        >>> import torch
+        >>> from parallel.tensor import GridRMSNorm, build_grid
+        >>> full = torch.nn.RMSNorm(8, eps=1e-6)
+        >>> x = torch.randn(2, 8)
+        >>> torch.allclose(GridRMSNorm.from_full(full, build_grid("3d", [[0]]))(x), full(x))
+        True
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int,
+        grid: Grid,
+        eps: float = 1e-6,
+        layout: str = "a",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if normalized_shape % grid.tp:
+            raise ValueError(
+                f"GridRMSNorm: hidden size {normalized_shape} must be divisible by tp={grid.tp}"
+            )
+        self.normalized_shape, self.eps, self.grid, self.layout = (
+            normalized_shape,
+            eps,
+            grid,
+            layout,
+        )
+        self.lay: Layout = grid.layout(layout)
+        self.weight = nn.Parameter(
+            torch.ones(normalized_shape // grid.tp, dtype=dtype, device=device)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _RMSNormalizeFn.apply(x, self.lay.hidden, self.normalized_shape, self.eps)
+        return y * gather_param(self.weight, gather_axes(self.lay.rows))
+
+    @classmethod
+    def from_full(cls, norm: nn.Module, grid: Grid, layout: str = "a") -> GridRMSNorm:
+        """From ``nn.RMSNorm`` or any RMSNorm with ``weight`` and ``eps`` / ``variance_epsilon``
+        (``eps=None`` in ``nn.RMSNorm`` means the dtype's machine epsilon, as there)."""
+        w = norm.weight.detach()
+        eps = getattr(norm, "eps", None)
+        if eps is None:
+            eps = getattr(norm, "variance_epsilon", None)
+        if eps is None:
+            eps = torch.finfo(w.dtype).eps
+        m = cls(w.shape[-1], grid, eps=eps, layout=layout, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            v = block(w, 0, m.lay.hidden.size, m.lay.hidden.index, "RMSNorm weight")
+            m.weight.copy_(block(v, 0, *shard_index(m.lay.rows)))
+        return m
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The full weight on every rank (collective)."""
+        v = gather(self.weight.detach(), gather_axes(self.lay.rows), dim=0)
+        return gather(v, [self.lay.hidden], dim=0)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, layout={self.layout!r}, tp={self.grid.tp}"
+
+
+__all__ = ["GridLayerNorm", "GridRMSNorm", "LayerNorm2D", "LayerNorm2p5D", "LayerNorm3D"]

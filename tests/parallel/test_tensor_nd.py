@@ -158,6 +158,12 @@ def _cases(grid, layouts) -> dict[str, float]:
         x = 3 + 2 * torch.randn(B, S, H)
         for k, v in _check_layer(grid, ln, make_layernorm, lay, x).items():
             res[f"layernorm/{lay}/{k}"] = v
+        torch.manual_seed(8)
+        rms = nn.RMSNorm(H, eps=1e-6)
+        with torch.no_grad():
+            rms.weight.normal_()
+        for k, v in _check_layer(grid, rms, make_layernorm, lay, torch.randn(B, S, H)).items():
+            res[f"rmsnorm/{lay}/{k}"] = v
         torch.manual_seed(4)
         emb = nn.Embedding(V, H, padding_idx=1)
         ids = torch.randint(0, V, (B, S))
