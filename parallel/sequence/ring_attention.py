@@ -201,7 +201,8 @@ def ring_attention(
 
     ``q, k, v``: ``(B, H, L/P, D)``, this rank's tokens in ``layout`` (``zigzag`` default,
     ``contiguous``; the layout only matters when ``causal``). ``key_padding_mask``: ``(B, L/P)``
-    bool, True = attend. ``scale`` defaults to ``D ** -0.5``. Returns ``(B, H, L/P, D)``."""
+    bool, True = attend; pass one on every rank of the group or on none (it is all-gathered).
+    ``scale`` defaults to ``D ** -0.5``. Returns ``(B, H, L/P, D)``."""
     check_qkv(q, k, v, layout)
     ring = Ring(group)
     if ring.world == 1:

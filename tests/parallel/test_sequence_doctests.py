@@ -10,6 +10,7 @@ MODULES = [
     "parallel.sequence.ring_attention",
     "parallel.sequence.ring_self_attention",
     "parallel.sequence.ulysses",
+    "parallel.sequence.hf_attention",
 ]
 
 
