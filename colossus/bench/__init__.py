@@ -8,7 +8,7 @@ import argparse
 
 
 def add_bench_parser(sub, fmt) -> None:
-    from colossus.bench import bigmodel, nvme, offload, step, tp
+    from colossus.bench import bigmodel, nvme, offload, sp, step, tp
 
     b = sub.add_parser(
         "bench",
@@ -18,7 +18,8 @@ def add_bench_parser(sub, fmt) -> None:
         "  colossus bench offload --model gpt2-124m --json bench-offload.json\n"
         "  colossus bench bigmodel --params 4e9 --host-budget 12GiB --nvme-dir /nvme\n"
         "  colossus bench nvme --nvme-dir /nvme --json nvme.json\n"
-        "  colossus bench tp --json bench-tp.json --plot bench-tp.png\n",
+        "  colossus bench tp --json bench-tp.json --plot bench-tp.png\n"
+        "  colossus bench sp --json bench-sp.json --plot bench-sp.png\n",
     )
     bsub = b.add_subparsers(dest="bench", required=True)
     step.add_parser(bsub, fmt)
@@ -26,6 +27,7 @@ def add_bench_parser(sub, fmt) -> None:
     bigmodel.add_parser(bsub, fmt)
     nvme.add_parser(bsub, fmt)
     tp.add_parser(bsub, fmt)
+    sp.add_parser(bsub, fmt)
 
 
 __all__ = ["add_bench_parser", "argparse"]
