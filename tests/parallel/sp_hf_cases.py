@@ -91,7 +91,43 @@ def sp_losses(arch: str, mode: str, padded: bool, group, layout: str = "zigzag")
     return losses
 
 
+def dp_sp_losses(arch: str, mode: str, layout: str = "zigzag") -> list[float]:
+    """dp=2 x sp=2 (parallel.topology): each data-parallel rank trains one row of the batch with
+    its sequence split over its sp group; gradients summed over sp, averaged over dp."""
+    from parallel.sequence.hf_attention import apply_sequence_parallel
+    from parallel.topology import Topology
+
+    topo = Topology(dp=2, sp=2)
+    p, r = topo.sp, topo.sp_rank
+    model = apply_sequence_parallel(build(arch), topo.sp_group, mode=mode, layout=layout)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    pos = positions(SEQ, r, p, layout)[None]
+    losses = []
+    for ids, _, labels in batches(False):
+        row = slice(topo.dp_rank, topo.dp_rank + 1)
+        ids, labels = (split_sequence(t[row], r, p, layout) for t in (ids, labels))
+        loss = sp_cross_entropy(
+            model(input_ids=ids, position_ids=pos).logits, labels, topo.sp_group
+        )
+        opt.zero_grad()
+        loss.backward()
+        grads = [prm.grad for prm in model.parameters()]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        comm.all_reduce(flat, group=topo.sp_group)  # sum of the sequence shares
+        comm.all_reduce(flat, group=topo.dp_group)  # mean over the rows (equal token counts)
+        flat /= topo.dp
+        for g, f in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(f)
+        opt.step()
+        both = loss.detach().clone()
+        comm.all_reduce(both, group=topo.dp_group)
+        losses.append(both.item() / topo.dp)
+    return losses
+
+
 def worker(cases):
     group = dist.new_group(list(range(dist.get_world_size())))
     comm.register_group(group, "sp")
-    return {c: sp_losses(*c, group=group) for c in cases}
+    out = {c: sp_losses(*c, group=group) for c in cases}
+    out["dp2_sp2"] = dp_sp_losses("gpt2", "ring_attention")
+    return out

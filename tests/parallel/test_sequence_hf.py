@@ -1,6 +1,6 @@
 """Tiny GPT-2 (learned positions) and tiny Llama (rotary, grouped K/V heads) trained 10 AdamW
 steps with sp=4 on gloo, each variant, match the single-process losses within 1e-4 on every rank
-(GPT-2 on right-padded batches)."""
+(GPT-2 on right-padded batches); and dp=2 x sp=2 from parallel.topology."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def test_sp4_training_matches_single_process(tmp_path):
         for r, got in enumerate(res):
             err = max(abs(a - b) for a, b in zip(got[case], ref))
             assert err <= 1e-4, (case, r, err, got[case], ref)
+    # dp=2 x sp=2 through parallel.topology: the same losses as one process on both rows
+    ref = reference_losses("gpt2", False)
+    for r, got in enumerate(res):
+        err = max(abs(a - b) for a, b in zip(got["dp2_sp2"], ref))
+        assert err <= 1e-4, ("dp2_sp2", r, err)
 
 
 def test_policy_refusals():
