@@ -79,6 +79,30 @@ def run_case(group, variant, length, causal, masked, layout, seed):
     }
 
 
+def overlap_trace(group) -> list[str]:
+    """Order of 'transfer started' and 'block computed' events in a ring-attention forward."""
+    import parallel.sequence.ring_attention as ra
+
+    log: list[str] = []
+    start, block = comm.batch_isend_irecv, ra.block_forward
+
+    def logged_start(ops):
+        log.append("transfer")
+        return start(ops)
+
+    def logged_block(*a, **kw):
+        log.append("compute")
+        return block(*a, **kw)
+
+    comm.batch_isend_irecv, ra.block_forward = logged_start, logged_block
+    try:
+        x = torch.randn(1, 2, 4, 4)
+        ra.ring_attention(x, x, x, group)
+    finally:
+        comm.batch_isend_irecv, ra.block_forward = start, block
+    return log
+
+
 def worker(cases):
     group = dist.new_group(list(range(dist.get_world_size())))
     comm.register_group(group, "sp")
@@ -88,6 +112,8 @@ def worker(cases):
             res[case] = run_case(group, *case)
         except ValueError as e:  # divisibility errors: the message is what the test checks
             res[case] = {"error": str(e)}
+    if dist.get_world_size() == 4:
+        res["overlap"] = overlap_trace(group)
     if dist.get_world_size() == 4:  # Ulysses with heads (6) not divisible by sp (4)
         from parallel.sequence.ulysses import ulysses_attention
 

@@ -80,6 +80,8 @@ def test_sequence_parallel_attention_matches_full(tmp_path, world):
     _check(world, res, VARIANTS)
     if world == 4:
         for r in range(world):
+            # each next block's transfer is started before the current block is computed
+            assert res[r]["overlap"] == ["transfer", "compute"] * 3 + ["compute"]
             msg = res[r]["heads_error"]
             assert "heads=6, sp=4" in msg and "valid sp for 6 heads: [1, 2, 3, 6]" in msg, msg
 
