@@ -109,8 +109,36 @@ def sp_cross_entropy(
     return loss_sum / count + (total_sum - loss_sum.detach()) / count
 
 
+def split_batch(
+    batch: dict[str, torch.Tensor], rank: int, world: int, layout: Layout = "zigzag"
+) -> dict[str, torch.Tensor]:
+    """A Hugging Face causal-LM batch (``input_ids``, optional ``attention_mask``, optional
+    ``labels`` in HF's unshifted convention, default ``input_ids``) -> this rank's part:
+    ``input_ids``, ``attention_mask`` (if given), ``position_ids`` (global) and ``labels``
+    already shifted on the whole sequence (padding -> -100). Feed the first three to the model
+    and compute the loss with :func:`sp_cross_entropy` on ``labels`` (not the model's own loss,
+    which would shift inside the rank's slice)."""
+    ids = batch["input_ids"]
+    check_length(ids.shape[1], world, layout)
+    labels = batch.get("labels", ids)
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, -100)
+    out = {
+        "input_ids": split_sequence(ids, rank, world, layout),
+        "position_ids": positions(ids.shape[1], rank, world, layout)
+        .to(ids.device)
+        .expand(ids.shape[0], -1),
+        "labels": split_sequence(shift_labels(labels), rank, world, layout),
+    }
+    if mask is not None:
+        out["attention_mask"] = split_sequence(mask, rank, world, layout)
+    return out
+
+
 __all__ = [
     "LAYOUTS",
+    "split_batch",
     "check_length",
     "gather_sequence",
     "positions",

@@ -148,6 +148,41 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return mods
 
 
+def check_sequence_parallel(
+    sp: int,
+    mode: str = "ring_attention",
+    *,
+    seq_len: int | None = None,
+    heads: int | None = None,
+    tp: int = 1,
+    layout: str = "zigzag",
+    attn_dropout: float = 0.0,
+) -> None:
+    """Raise ``ValueError`` (saying what would be valid) when ``sp`` cannot run ``mode``: the
+    checks a trainer makes before any work starts. ``heads`` is the model's attention heads;
+    with tensor parallelism each rank holds ``heads / tp`` of them, which Ulysses splits again."""
+    if sp < 1:
+        raise ValueError(f"sp must be >= 1, got {sp}")
+    if mode not in SP_MODES:
+        raise ValueError(f"unknown sp_mode {mode!r}; expected one of {SP_MODES}")
+    if seq_len is not None:
+        from parallel.sequence.data import check_length
+
+        check_length(seq_len, sp, layout)
+    if mode == "ulysses" and heads is not None and sp > 1:
+        if heads % tp or (heads // tp) % sp:
+            local = heads // tp if heads % tp == 0 else heads / tp
+            ok = [s for s in range(1, heads + 1) if heads % tp == 0 and (heads // tp) % s == 0]
+            raise ValueError(
+                f"ulysses splits each rank's heads over sp: heads={heads}, tp={tp} -> {local} "
+                f"heads per rank, not divisible by sp={sp}; valid sp: {ok} (or use ring_attention)"
+            )
+    if attn_dropout and sp > 1:
+        raise ValueError(
+            f"sequence-parallel attention has no attention dropout (got {attn_dropout}); set it to 0"
+        )
+
+
 def apply_sequence_parallel(
     model: nn.Module, group=None, mode: str = "ring_attention", layout: str = "zigzag"
 ) -> nn.Module:
@@ -162,12 +197,7 @@ def apply_sequence_parallel(
     if mode == "ulysses":
         from parallel import comm
 
-        p = comm._world(group)
-        heads = model.config.num_attention_heads
-        if heads % p:
-            raise ValueError(
-                f"ulysses needs the number of heads divisible by sp: heads={heads}, sp={p}"
-            )
+        check_sequence_parallel(comm._world(group), mode, heads=model.config.num_attention_heads)
     register()
     sp = SequenceParallelAttention(mode=mode, group=group, layout=layout)
     for m in mods:
@@ -176,4 +206,10 @@ def apply_sequence_parallel(
     return model
 
 
-__all__ = ["SequenceParallelAttention", "apply_sequence_parallel", "register", "IMPLEMENTATION"]
+__all__ = [
+    "IMPLEMENTATION",
+    "SequenceParallelAttention",
+    "apply_sequence_parallel",
+    "check_sequence_parallel",
+    "register",
+]

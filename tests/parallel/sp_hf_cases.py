@@ -8,7 +8,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel import comm
-from parallel.sequence.data import positions, shift_labels, sp_cross_entropy, split_sequence
+from parallel.sequence.data import (
+    positions,
+    shift_labels,
+    sp_cross_entropy,
+    split_batch,
+    split_sequence,
+)
 
 VOCAB, SEQ, BATCH, STEPS, LR = 64, 16, 2, 10, 1e-2
 
@@ -70,14 +76,12 @@ def sp_losses(arch: str, mode: str, padded: bool, group, layout: str = "zigzag")
     p, r = dist.get_world_size(group), dist.get_rank(group)
     model = apply_sequence_parallel(build(arch), group, mode=mode, layout=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    pos = positions(SEQ, r, p, layout).expand(BATCH, -1)
     losses = []
-    for ids, mask, labels in batches(padded):
-        ids, mask, labels = (split_sequence(t, r, p, layout) for t in (ids, mask, labels))
-        logits = model(
-            input_ids=ids, position_ids=pos, attention_mask=mask if padded else None
-        ).logits
-        loss = sp_cross_entropy(logits, labels, group)
+    for ids, mask, _ in batches(padded):
+        full = {"input_ids": ids} | ({"attention_mask": mask} if padded else {})
+        part = split_batch(full, r, p, layout)  # shifts labels on the whole sequence
+        labels = part.pop("labels")
+        loss = sp_cross_entropy(model(**part).logits, labels, group)
         opt.zero_grad()
         loss.backward()
         # replicated parameters: sum the ranks' contributions (one flat all-reduce)

@@ -10,6 +10,7 @@ from parallel.sequence.data import (
     positions,
     shift_labels,
     sp_cross_entropy,
+    split_batch,
     split_sequence,
 )
 
@@ -46,3 +47,18 @@ def test_shift_labels_and_loss_of_one_rank():
     (g,) = torch.autograd.grad(loss, logits)
     (gr,) = torch.autograd.grad(ref, logits)
     assert torch.allclose(g, gr)
+
+
+def test_split_batch():
+    ids = torch.arange(16).view(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    got = split_batch({"input_ids": ids, "attention_mask": mask}, rank=1, world=2)
+    pos = [2, 3, 4, 5]  # zigzag: chunks 1 and 2 of 4
+    assert got["input_ids"].tolist() == [[2, 3, 4, 5], [10, 11, 12, 13]]
+    assert got["position_ids"].tolist() == [pos, pos]
+    assert got["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    # labels: the next token of the whole sequence; padding and the last position ignored
+    assert got["labels"].tolist() == [[3, 4, 5, 6], [11, 12, 13, -100]]
+    with pytest.raises(ValueError, match=r"L % \(2\*sp\) == 0"):
+        split_batch({"input_ids": torch.zeros(1, 6, dtype=torch.long)}, 0, 2)

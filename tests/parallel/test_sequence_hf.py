@@ -43,3 +43,18 @@ def test_policy_refusals():
         )  # fmt: skip
     with pytest.raises(ValueError, match="unknown sp_mode 'ring'"):
         apply_sequence_parallel(build("gpt2"), mode="ring")
+
+
+def test_trainer_checks():
+    from parallel.sequence.hf_attention import check_sequence_parallel
+
+    check_sequence_parallel(4, "ulysses", seq_len=64, heads=8)
+    check_sequence_parallel(4, "ring_attention", seq_len=24, heads=6, tp=2)
+    with pytest.raises(ValueError, match=r"L % \(2\*sp\) == 0"):
+        check_sequence_parallel(4, "ring_attention", seq_len=20)
+    with pytest.raises(
+        ValueError, match=r"heads=8, tp=2 -> 4 heads per rank.*valid sp: \[1, 2, 4\]"
+    ):
+        check_sequence_parallel(8, "ulysses", heads=8, tp=2)
+    with pytest.raises(ValueError, match="no attention dropout"):
+        check_sequence_parallel(2, attn_dropout=0.1)
