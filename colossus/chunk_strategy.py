@@ -79,6 +79,9 @@ def chunk_config(cc: ChunkStrategyConfig, device: torch.device, **extra) -> Chun
         nvme_param_frac=cc.nvme_param_frac,
         nvme_prefetch=cc.nvme_prefetch,
         nvme_io_threads=cc.nvme_io_threads,
+        gather_prefetch=cc.gather_prefetch,
+        placement=cc.placement,
+        reduce_in_flight=cc.reduce_in_flight,
         dtype=DTYPES[cc.dtype],
         device=device,
         **extra,
@@ -89,6 +92,8 @@ class ChunkStrategy(Strategy):
     """ZeRO-3 over the default process group with chunked, tier-placed model state."""
 
     name = "chunk"
+    activation_estimate: float = 0.0
+    """Per-rank activation bytes of a step (the Trainer sets it from its batch shape)."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         cc = self.cfg.chunk
@@ -101,7 +106,14 @@ class ChunkStrategy(Strategy):
                     mod._buffers[k] = b.to(dev)
         try:
             source = getattr(model, "colossus_param_source", None)
-            self.mgr = ChunkManager(model, chunk_config(cc, dev, param_source=source))
+            extra = {"param_source": source}
+            if cc.placement == "auto":
+                extra["activation_bytes"] = int(
+                    cc.activation_reserve
+                    if cc.activation_reserve is not None
+                    else self.activation_estimate
+                )
+            self.mgr = ChunkManager(model, chunk_config(cc, dev, **extra))
         except (ValueError, TypeError, NvmeError) as e:
             raise ConfigError(f"strategy.chunk: {e}") from None
         self.model = self.engine = model
@@ -129,6 +141,7 @@ class ChunkStrategy(Strategy):
             if not self.optimizer.step():  # fp16 overflow: skipped, loss scale halved
                 self.skipped_steps += 1
             self.optimizer.zero_grad()
+        self._steps_since_report = getattr(self, "_steps_since_report", 0) + 1
 
     def close(self) -> None:
         self.mgr.close()
@@ -154,6 +167,22 @@ class ChunkStrategy(Strategy):
             out[f"{tier}_gib"] = r["total"] / 2**30
             out[f"{tier}_peak_gib"] = r["peak"] / 2**30
             out[f"{tier}_plan_gib"] = self.mgr.plan.get(tier, 0) / 2**30  # predicted up front
+        steps = getattr(self, "_steps_since_report", 0)
+        if self.mgr.swapper is not None and steps:  # NVMe traffic per step vs the least possible
+            mv = self.mgr.movement()
+            last = getattr(self, "_last_movement", None) or {k: 0 for k in mv}
+            self._last_movement, self._steps_since_report = mv, 0
+            moved = (mv["nvme_read_bytes"] - last["nvme_read_bytes"]) + (
+                mv["nvme_written_bytes"] - last["nvme_written_bytes"]
+            )
+            busy = mv["io_busy_s"] - last["io_busy_s"]
+            out["nvme_gb"] = moved / 1e9 / steps
+            out["nvme_min_gb"] = self.mgr.min_nvme_bytes_per_step() / 1e9
+            wait = mv["io_wait_s"] - last["io_wait_s"]
+            out["io_busy_s"] = busy / steps
+            out["io_wait_s"] = wait / steps
+            # share of disk time hidden behind compute (the rest the step waited for)
+            out["io_overlap"] = max(0.0, 1.0 - wait / busy) if busy > 0 else 1.0
         if self.mgr.activations is not None:  # measured in the first step (offload.tracer)
             out["activations_peak_gib"] = self.mgr.activations["total"] / 2**30
         if self.mgr.scaler is not None:

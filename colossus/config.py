@@ -137,6 +137,19 @@ class ChunkStrategyConfig(_Section):
     """Chunks whose NVMe state is read ahead while one is being updated."""
     nvme_io_threads: int = Field(8, ge=1)
     """I/O requests in flight (threads issuing O_DIRECT reads / writes)."""
+    placement: Literal["static", "auto"] = "static"
+    """``static``: the fractions below, as given. ``auto``: ignore them and choose the least
+    offloading that fits ``device_budget`` / ``host_budget`` (optimizer state to host first,
+    then parameters, then NVMe when ``nvme_dir`` is set), keeping ``activation_reserve`` of the
+    device free; ``colossus plan`` prints the choice."""
+    activation_reserve: ByteSize | None = None
+    """Device bytes ``placement: auto`` keeps for activations; None = the estimate ``colossus
+    plan`` prints (Korthikanti et al. for transformers)."""
+    gather_prefetch: int = Field(1, ge=0)
+    """Several ranks: all-gathers started this many chunks ahead of use (by the access order of
+    the first step), overlapping communication with compute; 0 = gather on demand."""
+    reduce_in_flight: int = Field(2, ge=0)
+    """Several ranks: gradient reduce-scatters left running while backward goes on."""
 
     @model_validator(mode="after")
     def _param_frac_le_optim_frac(self) -> ChunkStrategyConfig:

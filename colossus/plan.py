@@ -42,6 +42,7 @@ class Plan:
     step_flops: float = 0.0
     io_bytes_per_step: float = 0.0
     chunks: int = 0
+    fractions: dict[str, float] = field(default_factory=dict)  # the placement (auto: chosen)
 
     def total(self, tier: str) -> float:
         return sum(self.tiers.get(tier, {}).values())
@@ -125,10 +126,24 @@ def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
     from colossus.chunk_strategy import chunk_config
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cc = chunk_config(cfg.strategy.chunk, dev)
+    sc = cfg.strategy.chunk
+    auto = sc.placement == "auto"
     from offload import ChunkManager
 
-    mgr = ChunkManager(model, cc, dry_run_world_size=world_size)
+    try:  # auto placement reserves the activation estimate on the device
+        cc = chunk_config(sc, dev, activation_bytes=int(act) if auto else 0)
+        mgr = ChunkManager(model, cc, dry_run_world_size=world_size)
+    except ValueError:
+        if not auto:
+            raise
+        # nothing fits: show the most offloading auto could choose, so the table says by how much
+        most = {"placement": "static", "offload_param_frac": 1.0, "offload_optim_frac": 1.0}
+        if sc.nvme_dir:
+            most |= {"nvme_optim_frac": 1.0, "nvme_param_frac": 1.0}
+        mgr = ChunkManager(
+            model, chunk_config(sc.model_copy(update=most), dev), dry_run_world_size=world_size
+        )
+    plan.fractions = dict(mgr.fractions)
     plan.chunks = len(mgr.chunks)
     plan.same_memory = mgr.tiers["device"].device == mgr.tiers["host"].device
     by_tier: dict[str, dict[str, float]] = {t: {} for t in mgr.tiers}
@@ -142,24 +157,16 @@ def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
             _add(by_tier, c.optim_tier, "optim_state", c.shard_size * 4 * (2 + int(sep)))
     for t, total in mgr.plan.items():  # what the manager adds: staging, gathered working set
         rest = total - sum(by_tier.get(t, {}).values())
+        if t == "device":
+            rest -= mgr.config.activation_bytes  # reported as activations below
         if rest > 0:
             _add(by_tier, t, "staging+working", rest)
     _add(by_tier, "device", "activations", act)
     plan.tiers = by_tier
     plan.budgets = {t: tier.budget for t, tier in mgr.tiers.items()}
     plan.budgets["nvme"] = None
-    # bytes the NVMe tier moves per step (after the first): params read in forward and backward,
-    # gradients written, master / m / v / gradient read and master / m / v written by AdamW
-    io = 0.0
-    for c in mgr.chunks:
-        s = c.shard_size * 4
-        if c.param_tier == "nvme":
-            io += 2 * s + s  # params read twice, gradient written once
-        if c.optim_tier == "nvme":
-            reads = 2 + int(mgr._separate_master(c) or c.param_tier == "nvme")
-            reads += int(c.param_tier == "nvme")  # the gradient comes back from disk too
-            writes = 2 + int(mgr._separate_master(c) or c.param_tier == "nvme")
-            io += (reads + writes) * s
+    # bytes the NVMe tier moves per step (after the first): the manager's minimum
+    io = mgr.min_nvme_bytes_per_step()
     plan.io_bytes_per_step = io
     return plan
 
@@ -217,6 +224,9 @@ def run_plan(cfg: TrainingConfig, world_size: int, disk_gbps: float | None) -> i
         f"{world_size} rank(s), {plan.chunks} chunks (per rank)",
         report_rows(plan),
     )
+    if cfg.strategy.name == "chunk" and cfg.strategy.chunk.placement == "auto":
+        chosen = " ".join(f"{k}={v:.3f}" for k, v in plan.fractions.items())
+        print(f"placement=auto chose: {chosen}")
     flops = matmul_flops()
     compute = plan.step_flops / flops
     est = {"compute_s": compute, "matmul_gflops": flops / 1e9}

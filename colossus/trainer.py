@@ -126,6 +126,15 @@ class Trainer:
         self.run_dir = self._resolve_run_dir()
         set_seed(tc.seed + self.ctx.rank)  # per-rank randomness (dropout, masking) after model init
         self.strategy: Strategy = make_strategy(config.strategy, self.ctx)
+        if hasattr(self.strategy, "activation_estimate"):  # placement=auto reserves it
+            from colossus.plan import activation_bytes
+
+            self.strategy.activation_estimate = activation_bytes(
+                getattr(model, "config", None),
+                tc.batch_size,
+                config.data.block_size,
+                config.model.gradient_checkpointing,
+            )
         self.engine = self.strategy.prepare_model(model)
         self.model = self.strategy.model
         self.optimizer = self.strategy.build_optimizer(config.optim)

@@ -15,20 +15,22 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group=None) -> None:
-    """``out[r * n:(r + 1) * n] = shard of rank r`` on every rank."""
+def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = False):
+    """``out[r * n:(r + 1) * n] = shard of rank r`` on every rank; with ``async_op`` returns a
+    work to ``wait()`` (else None)."""
     try:
-        _all_gather(out, shard, group=group)
+        return _all_gather(out, shard, group=group, async_op=async_op)
     except (RuntimeError, NotImplementedError):
         # backend without the fused collective: list all_gather into views of ``out``
         n = shard.numel()
-        dist.all_gather(list(out.split(n)), shard, group=group)
+        return dist.all_gather(list(out.split(n)), shard, group=group, async_op=async_op)
 
 
-def reduce_scatter_sum(out: torch.Tensor, full: torch.Tensor, group=None) -> None:
-    """``out = sum over ranks of full[rank * n:(rank + 1) * n]``."""
+def reduce_scatter_sum(out: torch.Tensor, full: torch.Tensor, group=None, async_op: bool = False):
+    """``out = sum over ranks of full[rank * n:(rank + 1) * n]``; with ``async_op`` may return a
+    work to ``wait()`` (None when it already completed)."""
     try:
-        _reduce_scatter(out, full, op=dist.ReduceOp.SUM, group=group)
+        return _reduce_scatter(out, full, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
     except (RuntimeError, NotImplementedError):
         # gloo builds without reduce_scatter: all_reduce the whole buffer, keep our shard.
         # Same result (the sum is identical), N times the traffic.
@@ -36,3 +38,4 @@ def reduce_scatter_sum(out: torch.Tensor, full: torch.Tensor, group=None) -> Non
         tmp = full.clone()
         dist.all_reduce(tmp, op=dist.ReduceOp.SUM, group=group)
         out.copy_(tmp[r * n : (r + 1) * n])
+        return None

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -117,6 +117,18 @@ class ChunkConfig:
       ``nvme_prefetch`` chunks ahead of use in forward and backward (by the access order
       recorded in the first step) and gradients are written out as backward produces them.
       ``nvme_param_frac <= nvme_optim_frac``; fp32 working dtype.
+    * ``gather_prefetch`` (several ranks): all-gathers started this many chunks ahead of use,
+      along the access order recorded in the first step, so they run while the current module
+      computes (like FSDP's forward/backward prefetch). Each one holds a gathered chunk early;
+      under a device budget a prefetch happens only when it fits. 0 = gather on demand.
+    * ``placement``: ``static`` uses the fractions above as given; ``auto`` ignores them and
+      picks the least offloading that fits ``device_budget`` / ``host_budget`` (optimizer state
+      to host first, then parameters, then NVMe if ``nvme_dir`` is set; at chunk granularity;
+      the chosen fractions are in ``mgr.fractions``), reserving ``activation_bytes`` of the
+      device for non-model memory (activations, temporaries: an estimate such as
+      ``colossus plan``'s; the first training forward measures it, ``mgr.activations``).
+    * ``reduce_in_flight`` (several ranks): gradient reduce-scatters left running while
+      backward goes on (each keeps its chunk's gradient buffer until it completes).
     """
 
     chunk_size: int | None = None
@@ -138,6 +150,10 @@ class ChunkConfig:
     nvme_param_frac: float = 0.0
     nvme_prefetch: int = 2
     nvme_io_threads: int = 8
+    gather_prefetch: int = 1
+    reduce_in_flight: int = 2
+    placement: str = "static"
+    activation_bytes: int = 0
     init_fn: Callable[[nn.Module], None] | None = None
     param_source: Any = None
 
@@ -181,6 +197,12 @@ class ChunkConfig:
             )
         if self.nvme_prefetch < 0 or self.nvme_io_threads < 1:
             raise ValueError("nvme_prefetch must be >= 0 and nvme_io_threads >= 1")
+        if self.placement not in ("static", "auto"):
+            raise ValueError(f"placement must be 'static' or 'auto', got {self.placement!r}")
+        if self.activation_bytes < 0:
+            raise ValueError(f"activation_bytes must be >= 0, got {self.activation_bytes}")
+        if self.gather_prefetch < 0 or self.reduce_in_flight < 0:
+            raise ValueError("gather_prefetch and reduce_in_flight must be >= 0")
 
 
 class ChunkManager:
@@ -222,7 +244,7 @@ class ChunkManager:
             "device": Tier("device", self.device, cfg.device_budget),
             "host": Tier("host", torch.device("cpu"), cfg.host_budget),
         }
-        if cfg.nvme_optim_frac > 0:
+        if cfg.nvme_optim_frac > 0 or (cfg.placement == "auto" and cfg.nvme_dir):
             self.tiers["nvme"] = Tier("nvme", torch.device("cpu"))
         self.swapper: ShardSwapper | None = None
         self.fetcher: ParamFetcher | None = None
@@ -240,6 +262,9 @@ class ChunkManager:
         self._tracer: ActivationTracer | None = None
         self.evictions = 0
         self.gathers = 0
+        self.prefetches = 0  # gathers started ahead of use (several ranks)
+        self._gathered_elems = 0
+        self._reduced_elems = 0
         # a device budget caches every gathered chunk (evicted by furthest next use)
         self._cache_all = cfg.device_budget is not None
         # gradient buffers outlive a step only where memory is not budgeted and not sharded
@@ -247,6 +272,11 @@ class ChunkManager:
             self.world_size == 1 and cfg.device_budget is None and cfg.host_budget is None
         )
         self._lazy: set[Chunk] = set()
+        # multi-rank overlap: all-gathers started ahead of use (chunk index -> work) and
+        # reduce-scatters still running (completed in issue order)
+        self._gathering: dict[int, Any] = {}
+        self._reducing: deque[tuple[Chunk, Any, torch.Tensor, torch.Tensor]] = deque()
+        self._in_step = False
         self._flush_queued = False
         self._backward_active = False
         self._grads_prepared = False
@@ -324,20 +354,22 @@ class ChunkManager:
             self._otier(c).device
         )
 
-    def _place(self, dry: bool = False) -> None:
-        cfg = self.config
+    def _assign(self, fracs: tuple[float, float, float, float]) -> None:
+        """Tiers per chunk from (offload_param, offload_optim, nvme_optim, nvme_param) fractions,
+        each counted in chunk bytes from the first chunk (Colossal-AI semantics)."""
         nbytes = [c.capacity * self.dtype.itemsize for c in self.chunks]
-        p_off = static_placement(nbytes, cfg.offload_param_frac)
-        o_off = static_placement(nbytes, cfg.offload_optim_frac)
-        n_off = static_placement(nbytes, cfg.nvme_optim_frac)
-        v_off = static_placement(nbytes, cfg.nvme_param_frac)
+        p_off, o_off, n_off, v_off = (static_placement(nbytes, f) for f in fracs)
         for c, po, oo, no, vo in zip(self.chunks, p_off, o_off, n_off, v_off):
             c.param_tier = "host" if po else "device"
             c.optim_tier = "nvme" if no and c.requires_grad else ("host" if oo else "device")
             if vo and c.requires_grad:
                 c.param_tier = "nvme"
-        # model state per tier (Adam: 2 fp32 state tensors) must fit before any work starts
-        need = {t: 0 for t in self.tiers}
+
+    def _needs(self) -> dict[str, int]:
+        """Peak bytes per tier of the current assignment: model state, NVMe staging, the
+        gathered working set and gradient buffers (what must fit before any work starts)."""
+        cfg = self.config
+        need = {t: 0 for t in (*self.tiers, "nvme")}
         max_nvme_shard = 0
         for c in self.chunks:
             n, w = c.shard_size, self.dtype.itemsize
@@ -369,24 +401,103 @@ class ChunkManager:
         needs_gather = self.world_size > 1 or self.tiers["host"].device != self.device
         if needs_gather or any(c.param_tier != "device" for c in self.chunks):
             need["device"] += caps[0] * w  # the gathered payload in use
+            if self.world_size > 1:  # all-gathers started ahead of use
+                need["device"] += sum(caps[1 : 1 + cfg.gather_prefetch]) * w
             kept = [c for c in self.chunks if c.keep_gathered]
             need["device"] += sum(c.capacity for c in kept) * w
-        self.plan = dict(need)  # predicted peak bytes per tier (model state + staging + working)
-        self.plan.setdefault("nvme", 0)
-        self.nvme_bytes = need.pop("nvme", 0)
-        checks = dict(need)
+        return need
+
+    def _over_budget(self, need: dict[str, int]) -> dict[str, int]:
+        """Tiers whose budget ``need`` (plus the activation reserve on the device) exceeds."""
+        checks = {t: n for t, n in need.items() if t != "nvme"}
+        checks["device"] += self.config.activation_bytes
         if self.tiers["device"].device == self.tiers["host"].device:
             # a CPU-only box: the device tier is the same RAM, the host budget covers both
-            checks["host"] = need["host"] + need["device"]
-        for t, n in checks.items():  # before anything is allocated or created
-            b = self.tiers[t].budget
-            if b is not None and n > b and not dry:
+            checks["host"] = checks["host"] + checks["device"]
+        return {
+            t: n - self.tiers[t].budget
+            for t, n in checks.items()
+            if self.tiers[t].budget is not None and n > self.tiers[t].budget
+        }
+
+    def _auto_fractions(self) -> tuple[float, float, float, float]:
+        """``placement="auto"``: the least offloading that fits the budgets, at chunk
+        granularity. Moves are tried cheapest first: optimizer state device -> host (touched
+        once per step), then parameters device -> host (twice per step: forward and backward),
+        then optimizer state host -> NVMe, then parameters host -> NVMe. On a CPU-only box device
+        and host are one RAM, so only the NVMe moves can help (the host fractions follow them).
+        Eviction of gathered chunks under the device budget stays Belady (furthest next use in
+        the recorded order), and NVMe reads are issued ahead along the same order."""
+        nbytes = [c.capacity * self.dtype.itemsize for c in self.chunks]
+        total = sum(nbytes)
+        prefix = [0]
+        for b in nbytes:
+            prefix.append(prefix[-1] + b)
+        fr = [prefix[k] / total for k in range(len(nbytes) + 1)]  # k chunks from the first
+        same = self.tiers["device"].device == self.tiers["host"].device
+        cands: list[tuple[float, float, float, float]] = []
+        if not same:
+            cands += [(0.0, f, 0.0, 0.0) for f in fr]
+            cands += [(f, 1.0, 0.0, 0.0) for f in fr]
+        else:
+            cands.append((0.0, 0.0, 0.0, 0.0))
+        if self.config.nvme_dir:
+            po = 1.0 if not same else 0.0
+            cands += [(po, max(f, 0.0 if same else 1.0), f, 0.0) for f in fr]
+            cands += [(max(f, po), 1.0, 1.0, f) for f in fr]
+        best_over: dict[str, int] = {}
+        for fracs in cands:
+            if fracs[3] > 0 and self.dtype != torch.float32:
+                break  # NVMe parameters need the fp32 working dtype
+            self._assign(fracs)
+            over = self._over_budget(self._needs())
+            if not over:
+                return fracs
+            best_over = over
+        more = ", ".join(f"{t} by {n} B" for t, n in best_over.items())
+        hint = "" if self.config.nvme_dir else "; set nvme_dir to let auto use an NVMe tier"
+        raise ValueError(
+            f"placement=auto: no placement fits the budgets even with the most offloading "
+            f"(over {more}){hint}. Raise the budgets or use more ranks."
+        )
+
+    def _place(self, dry: bool = False) -> None:
+        cfg = self.config
+        if cfg.placement == "auto":
+            fracs = self._auto_fractions()
+        else:
+            fracs = (
+                cfg.offload_param_frac,
+                cfg.offload_optim_frac,
+                cfg.nvme_optim_frac,
+                cfg.nvme_param_frac,
+            )
+        self.fractions = dict(
+            zip(
+                ("offload_param_frac", "offload_optim_frac", "nvme_optim_frac", "nvme_param_frac"),
+                fracs,
+            )
+        )
+        self._assign(fracs)
+        need = self._needs()
+        max_nvme_shard = max(
+            (c.shard_size for c in self.chunks if c.optim_tier == "nvme" and c.requires_grad),
+            default=0,
+        )
+        self.plan = dict(need)  # predicted peak bytes per tier (model state + staging + working)
+        self.plan["device"] += cfg.activation_bytes
+        over = self._over_budget(need)
+        self.nvme_bytes = need.pop("nvme", 0)
+        for t, more in over.items():  # before anything is allocated or created
+            if not dry:
+                b = self.tiers[t].budget
                 raise ValueError(
-                    f"{t} budget {b} B is too small: model state placed there needs {n} B "
-                    f"({n - b} B more), including one gathered chunk + its gradient buffer. "
-                    "Raise the budget, offload more (offload_param_frac / offload_optim_frac, "
-                    "nvme_optim_frac / nvme_param_frac), use more ranks, or a smaller chunk_size; "
-                    "`colossus plan` finds a placement that fits."
+                    f"{t} budget {b} B is too small: model state placed there needs {b + more} B "
+                    f"({more} B more), including one gathered chunk + its gradient buffer"
+                    + (" and the activation reserve" if cfg.activation_bytes else "")
+                    + ". Raise the budget, offload more (offload_param_frac / offload_optim_frac, "
+                    "nvme_optim_frac / nvme_param_frac, or placement=auto), use more ranks, or "
+                    "a smaller chunk_size; `colossus plan` finds a placement that fits."
                 )
         if self.nvme_bytes and not dry:
             store = NvmeStore(cfg.nvme_dir, self.nvme_bytes, io_threads=cfg.nvme_io_threads)
@@ -510,6 +621,7 @@ class ChunkManager:
     def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():
             self.order.start_iteration()
+            self._in_step = True
             if self.activations is None and self._tracer is None:  # first training forward
                 self._tracer = ActivationTracer(self._module, self._model_storages)
                 self._tracer.__enter__()
@@ -611,36 +723,81 @@ class ChunkManager:
     # ============================================================ gather / release
     def _fetch(self, c: Chunk) -> None:
         self.order.record(c.index)
-        if c.resident:
+        if c.index in self._gathering:  # started ahead of use: wait for it
+            self._end_gather(c)
+        elif c.resident:
             if self.fetcher is not None:
                 self.fetcher.cancel(c)  # predicted as a fetch, but it never left
-            return
+        else:
+            self._make_room(c.capacity * self.dtype.itemsize, exclude=c)
+            self._begin_gather(c, async_op=False)
+            self._end_gather(c)
+        self._prefetch_gathers()
+
+    @torch.no_grad()
+    def _begin_gather(self, c: Chunk, async_op: bool) -> None:
         nbytes = c.capacity * self.dtype.itemsize
-        self._make_room(nbytes, exclude=c)
-        with torch.no_grad():
-            if c.payload is None:
-                c.payload = torch.empty(c.capacity, dtype=self.dtype, device=self.device)
-            else:  # same storage as before: views saved by autograd see the new data
-                c.payload.untyped_storage().resize_(nbytes)
-            staged = None
-            if c.param_tier == "nvme":
-                staged = self._fetch_nvme_shard(c)
-                src = self.tiers["device"].put(staged[: c.shard_size])
-            else:  # host -> device copy on a GPU, else none
-                src = self.tiers["device"].put(c.shard)
-            with _preserve_version(c.payload):
-                if self.world_size > 1:
-                    all_gather_into(c.payload, src, self.group)
-                else:
-                    c.payload.copy_(src)
-            if staged is not None:
-                self.fetcher.give(staged)
+        if c.payload is None:
+            c.payload = torch.empty(c.capacity, dtype=self.dtype, device=self.device)
+        else:  # same storage as before: views saved by autograd see the new data
+            c.payload.untyped_storage().resize_(nbytes)
+        staged = None
+        if c.param_tier == "nvme":
+            staged = self._fetch_nvme_shard(c)
+            src = self.tiers["device"].put(staged[: c.shard_size])
+        else:  # host -> device copy on a GPU, else none
+            src = self.tiers["device"].put(c.shard)
+        work = None
+        with _preserve_version(c.payload):
+            if self.world_size > 1:
+                work = all_gather_into(c.payload, src, self.group, async_op=async_op)
+            else:
+                c.payload.copy_(src)
+        if staged is not None:
+            self.fetcher.give(staged)
         self.tiers["device"].account("param_gathered", nbytes)
         self.gathers += 1
+        self._gathered_elems += c.capacity
+        self._gathering[c.index] = work
+
+    def _end_gather(self, c: Chunk) -> None:
+        work = self._gathering.pop(c.index)
+        if work is not None:
+            work.wait()
         c.resident = True
         c.bind()
         for s in c.slots:
             c.transition(s, S.HOLD)
+
+    def _prefetch_gathers(self) -> None:
+        """Start the all-gathers of the next chunks of the recorded access order, so they run
+        while the current module computes (up to ``gather_prefetch`` in flight). Only within
+        the current forward+backward: the optimizer step changes the shards, so nothing is
+        gathered across it. Never evicts for a prefetch: under a device budget, a chunk is
+        prefetched only if it fits now. Every rank makes the same decisions (same order, same
+        budget), so the collectives match."""
+        want = self.config.gather_prefetch
+        if self.world_size == 1 or want <= 0 or not self._in_step or not self.order.frozen:
+            return
+        seq, dev = self.order.sequence, self.tiers["device"]
+        for i in range(self.order.position, len(seq)):
+            if len(self._gathering) >= want:
+                return
+            nxt = self.chunks[seq[i]]
+            if nxt.resident or nxt.index in self._gathering or nxt.param_tier == "nvme":
+                continue
+            if not dev.fits(nxt.capacity * self.dtype.itemsize):
+                return
+            self._begin_gather(nxt, async_op=True)
+            self.prefetches += 1
+
+    def _drain(self) -> None:
+        """Finish every collective started ahead (gathers become resident chunks, reduced
+        gradients land in their shards)."""
+        for i in list(self._gathering):
+            self._end_gather(self.chunks[i])
+        while self._reducing:
+            self._complete_reduce()
 
     def _fetch_nvme_shard(self, c: Chunk) -> torch.Tensor:
         """``c``'s shard from NVMe (prefetched if predicted), then start the next reads: along
@@ -707,6 +864,11 @@ class ChunkManager:
                 if c is not exclude and c.resident and not c.payload_is_shard and c.idle
             ]
             v = self.order.victim(cands)
+            if v is None and (self._gathering or self._reducing):
+                # collectives started ahead hold memory: finish them (a prefetched chunk
+                # becomes evictable, a reduced gradient buffer is freed) and look again
+                self._drain()
+                continue
             if v is None:
                 raise MemoryError(
                     f"device budget {dev.budget} B exceeded: chunk {exclude.index} needs "
@@ -726,14 +888,35 @@ class ChunkManager:
             if id(s) not in c.written:
                 buf[s.offset : s.offset + s.numel].zero_()
         buf[c.used :].zero_()
+        c.grad_buffer = None  # the buffer lives on in the reduction until it completes
+        for s in c.slots:
+            if s.pending:
+                s.pending = False
+                if s.state is S.READY_FOR_REDUCE:
+                    c.transition(s, S.HOLD)
         n = self.world_size
-        if n > 1:
-            if self.dtype == torch.float16:
-                buf.div_(n)  # fp16: average before the sum so it cannot overflow
-            out = torch.empty(c.shard_size, dtype=self.dtype, device=self.device)
-            reduce_scatter_sum(out, buf, self.group)
-        else:
-            out = buf
+        if n == 1:
+            self._finish_reduce(c, buf, buf)
+            return
+        if self.dtype == torch.float16:
+            buf.div_(n)  # fp16: average before the sum so it cannot overflow
+        out = torch.empty(c.shard_size, dtype=self.dtype, device=self.device)
+        self._reduced_elems += c.capacity
+        # runs while backward goes on; completed in issue order, at most reduce_in_flight open
+        work = reduce_scatter_sum(out, buf, self.group, async_op=True)
+        self._reducing.append((c, work, out, buf))
+        while len(self._reducing) > self.config.reduce_in_flight:
+            self._complete_reduce()
+
+    def _complete_reduce(self) -> None:
+        c, work, out, buf = self._reducing.popleft()
+        if work is not None:
+            work.wait()
+        self._finish_reduce(c, out, buf)
+
+    @torch.no_grad()
+    def _finish_reduce(self, c: Chunk, out: torch.Tensor, buf: torch.Tensor) -> None:
+        n = self.world_size
         ot = self._otier(c)
         g = ot.put(out.float())  # no copy when already fp32 on that tier
         if n > 1 and self.dtype != torch.float16:
@@ -745,13 +928,7 @@ class ChunkManager:
             ot.account("grad_shard", c.grad_shard.nbytes)
         else:
             c.grad_shard.add_(g)
-        c.grad_buffer = None
-        self.tiers["device"].account("grad_buffer", -c.capacity * self.dtype.itemsize)
-        for s in c.slots:
-            if s.pending:
-                s.pending = False
-                if s.state is S.READY_FOR_REDUCE:
-                    c.transition(s, S.HOLD)
+        self.tiers["device"].account("grad_buffer", -buf.numel() * buf.element_size())
 
     def _write_nvme_grad(self, c: Chunk, g: torch.Tensor) -> None:
         """Gradient shard of an NVMe chunk: accumulated with what earlier micro-batches wrote,
@@ -774,6 +951,8 @@ class ChunkManager:
         if not self._backward_active:
             return
         self._backward_active = False
+        self._in_step = False
+        self._drain()
         for c in self.chunks:  # chunk order: every rank issues the same collectives
             for s in c.slots:
                 if s.fwd_refs:  # a forward that never finished (cannot outlive the backward)
@@ -846,6 +1025,8 @@ class ChunkManager:
         if self._grads_prepared:
             return
         self.finish_backward()
+        self._in_step = False
+        self._drain()
         self.check_reduced()
         if self.scaler is not None:
             inv = 1.0 / self.scaler.scale
@@ -911,6 +1092,8 @@ class ChunkManager:
     @torch.no_grad()
     def after_step(self) -> None:
         """Propagate updated masters to the working shards; gathered copies are now stale."""
+        self._in_step = False
+        self._drain()
         for c in self.chunks:
             if c.master is not None and c.shard is not c.master:
                 c.shard.copy_(c.master)
@@ -1037,6 +1220,42 @@ class ChunkManager:
         return dict(zip(names, acc))
 
     # ================================================================== reporting
+    def min_nvme_bytes_per_step(self) -> int:
+        """The least the NVMe tier must move per step (after the first) for this placement:
+        parameters read in forward and again in backward, gradients written once; AdamW reads
+        and writes m and v (and the fp32 master where it is not the working shard, or the NVMe
+        parameter shard it updates) and reads back the gradient of an NVMe parameter shard."""
+        io = 0
+        for c in self.chunks:
+            if not c.requires_grad:
+                continue
+            s = c.shard_size * 4
+            if c.param_tier == "nvme":
+                io += 2 * s + s
+            if c.optim_tier == "nvme":
+                master = int(self._separate_master(c) or c.param_tier == "nvme")
+                io += (2 + master + int(c.param_tier == "nvme")) * s  # reads
+                io += (2 + master) * s  # writes
+        return io
+
+    def movement(self) -> dict[str, float]:
+        """Bytes moved and time spent since construction (diff two calls for one step):
+        ``nvme_read_bytes`` / ``nvme_written_bytes`` (disk <-> host), ``io_busy_s`` (wall time
+        with a request in flight), ``io_wait_s`` (time compute waited for I/O: the part not
+        overlapped), ``gathered_bytes`` / ``reduced_bytes`` (what this rank received in
+        all-gathers / sent in reduce-scatters, ring model: (n-1)/n of the chunk)."""
+        st = self.swapper.store if self.swapper is not None else None
+        w = self.dtype.itemsize
+        frac = (self.world_size - 1) / self.world_size
+        return {
+            "nvme_read_bytes": st.bytes_read if st else 0,
+            "nvme_written_bytes": st.bytes_written if st else 0,
+            "io_busy_s": st.busy_s if st else 0.0,
+            "io_wait_s": self.swapper.io_wait_s if self.swapper is not None else 0.0,
+            "gathered_bytes": self._gathered_elems * w * frac,
+            "reduced_bytes": self._reduced_elems * w * frac,
+        }
+
     def memory_report(self) -> dict[str, dict[str, int | None]]:
         """Bytes per tier and category right now (plus ``model_state``, ``total``, ``peak``,
         ``budget``). ``model_state`` = param shards + grad shards + masters + optimizer state."""
@@ -1069,6 +1288,7 @@ class ChunkManager:
         """This rank's fp32 master shards, optimizer state and segment tables, as a flat dict of
         contiguous CPU tensors (``safetensors.torch.save_file`` takes it as is). ``meta`` holds
         the layout as JSON bytes, so loading can check it matches."""
+        self._drain()
         sd: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {
             "format": "offload.chunk_shard/1",
@@ -1104,6 +1324,7 @@ class ChunkManager:
     @torch.no_grad()
     def load_state_dict_shard(self, sd: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`state_dict_shard` wrote on this rank (same world size and layout)."""
+        self._drain()
         meta = json.loads(bytes(sd["meta"].tolist()).decode())
         if meta.get("format") != "offload.chunk_shard/1":
             raise ValueError(f"not an offload chunk shard (format={meta.get('format')!r})")
@@ -1148,6 +1369,7 @@ class ChunkManager:
         """Yield ``(name, full fp32 tensor)`` for every parameter, one chunk gathered at a time
         (never the whole model). Collective: every rank must exhaust the generator. Tied
         weights are yielded once, under their first name (like ``named_parameters()``)."""
+        self._drain()
         for c in self.optim_pass(write_back=False, keys=["master"]):
             src = c.master if c.master is not None else c.shard.float()
             src = self.tiers["device"].put(src)

@@ -125,7 +125,14 @@ def _worker(args: dict[str, Any], out: str) -> None:
     if nvme:
         mgr.close()
     Path(out).write_text(
-        json.dumps({"rows": rows, "params": sum(c.used for c in mgr.chunks), "rss": peak_rss_gib()})
+        json.dumps(
+            {
+                "rows": rows,
+                "params": sum(c.used for c in mgr.chunks),
+                "rss": peak_rss_gib(),
+                "min_gb": mgr.min_nvme_bytes_per_step() / 1e9,
+            }
+        )
     )
 
 
@@ -192,6 +199,8 @@ def run(ns: argparse.Namespace) -> int:
                 "step_time_s": r["step_time_s"],
                 "read_gb": r["read_gb"],
                 "written_gb": r["written_gb"],
+                "min_gb": on_disk["min_gb"],
+                "moved_vs_min": moved / max(on_disk["min_gb"], 1e-12),
                 "tier_gbps": achieved,
                 "tier_vs_probe": achieved / probe_mix,
                 "compute_s": compute,

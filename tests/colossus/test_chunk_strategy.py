@@ -257,6 +257,13 @@ def test_optimizer_state_on_nvme(tmp_path, reference):
     )
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["mem_nvme_gib"] > 0
+    # per step: Adam's m and v read and written once each, the least this placement allows;
+    # above it only by the 4 KiB alignment of each extent (shards here are ~6 KB)
+    mgr = t.strategy.mgr
+    min_bytes = 4 * 4 * sum(c.shard_size for c in mgr.chunks)
+    assert rec["mem_nvme_min_gb"] * 1e9 == pytest.approx(min_bytes, rel=1e-2)  # metrics round
+    assert rec["mem_nvme_min_gb"] <= rec["mem_nvme_gb"] <= 1.4 * rec["mem_nvme_min_gb"]
+    assert 0.0 <= rec["mem_io_overlap"] <= 1.0 and rec["mem_io_busy_s"] > 0
     missing = chunk | {"nvme_dir": str(tmp_path / "absent")}
     with pytest.raises(ConfigError, match="does not exist"):
         Trainer(tiny_gpt2(), config(tmp_path / "run2", missing), train_dataset=token_blocks())

@@ -52,6 +52,27 @@ def test_plan_refuses_with_how_much_and_a_fix(tmp_path, capsys):
     assert "fits the budgets" in capsys.readouterr().out
 
 
+def test_plan_auto_placement_chooses_what_fits(tmp_path, capsys):
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    base = [SMALL_CHUNKS, "train.batch_size=1", "strategy.chunk.host_budget=80MiB"]
+    auto = [*base, "strategy.chunk.placement=auto", f"strategy.chunk.nvme_dir={nvme}"]
+    args = ["plan", RECIPE, "--disk-gbps", "2", *sum((["--set", s] for s in auto), [])]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fits the budgets" in out
+    chosen = dict(re.findall(r"(\w+_frac)=([\d.]+)", out.split("placement=auto chose:")[1]))
+    assert 0 < float(chosen["nvme_optim_frac"])  # the state that did not fit went to NVMe
+    # without an NVMe directory nothing fits: refused, by how much
+    args = [
+        "plan",
+        RECIPE,
+        *sum((["--set", s] for s in [*base, "strategy.chunk.placement=auto"]), []),
+    ]
+    assert main(args) == 2
+    assert re.search(r"the host tier needs .* more\)", capsys.readouterr().out)
+
+
 def test_measured_peak_stays_within_the_plan(tmp_path):
     cfg = TrainingConfig(
         name="p",

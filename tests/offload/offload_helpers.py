@@ -140,6 +140,7 @@ def train_worker(configs: dict[str, ChunkConfig], steps: int = STEPS, checkpoint
             ),
             "evictions": mgr.evictions,
             "gathers": mgr.gathers,
+            "prefetches": mgr.prefetches,
         }
     return out
 
@@ -174,6 +175,7 @@ def _summary(res: dict[str, Any]) -> dict[str, Any]:
         "straddling": [s.name for c in mgr.chunks for s in c.slots if len({*_shards_of(c, s)}) > 1],
         "evictions": mgr.evictions,
         "gathers": mgr.gathers,
+        "prefetches": mgr.prefetches,
         "tied": mgr.module.lm_head.weight is mgr.module.transformer.wte.weight,
     }
 

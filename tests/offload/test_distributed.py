@@ -64,6 +64,8 @@ def _check_same_training(results, case, reference):
 @pytest.mark.parametrize("case", list(PLACEMENTS))
 def test_two_ranks_match_pytorch(world2, reference, case):
     _check_same_training(world2, case, reference)
+    # from the second step on, all-gathers are started ahead of use (gather_prefetch=1)
+    assert all(res[case]["prefetches"] > 0 for res in world2)
 
 
 @pytest.mark.parametrize("case", list(PLACEMENTS))
