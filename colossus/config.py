@@ -183,6 +183,13 @@ class StrategyConfig(_Section):
     chunk: ChunkStrategyConfig = Field(default_factory=ChunkStrategyConfig)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto = nccl on CUDA, gloo on CPU."""
+    sp: int = Field(1, ge=1)
+    """Sequence-parallel size: each sequence is split over ``sp`` ranks (``parallel.sequence``);
+    the sequence length must be divisible by ``sp`` (by ``2*sp`` for the zigzag causal layout)."""
+    sp_mode: Literal["ring_attention", "ring_self_attention", "ulysses"] = "ring_attention"
+    """Sequence-parallel attention: ``ring_attention`` (online softmax, memory linear in L/sp),
+    ``ring_self_attention`` (RSA, an (L/sp) x L score strip per rank), ``ulysses`` (all-to-all
+    over heads; needs heads % sp == 0)."""
 
 
 class TrainConfig(_Section):
