@@ -246,6 +246,35 @@ def test_fp16_chunks_scale_the_loss(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in t.history)
 
 
+def test_auto_placement_reserves_activations(tmp_path, reference):
+    """placement=auto through the Trainer: the activation estimate of the batch shape is kept
+    free, the optimizer state that does not fit in the host budget goes to NVMe, and training
+    is unchanged."""
+    nvme = tmp_path / "nvme"
+    nvme.mkdir()
+    auto = {"chunk_size": CHUNK, "placement": "auto", "nvme_dir": str(nvme), "nvme_prefetch": 1}
+    roomy_cfg = config(tmp_path / "a", auto | {"host_budget": 1 << 40})
+    roomy = Trainer(tiny_gpt2(), roomy_cfg, train_dataset=token_blocks())
+    reserve = roomy.strategy.mgr.config.activation_bytes
+    assert reserve > 0  # from the batch shape (colossus.plan.activation_bytes)
+    assert roomy.strategy.mgr.swapper is None  # a roomy budget: nothing leaves RAM
+    need = sum(roomy.strategy.mgr.plan[t] for t in ("device", "host"))
+    roomy.strategy.close()
+    tight = auto | {"host_budget": need - 1}  # one byte short of everything in RAM
+    t = Trainer(tiny_gpt2(), config(tmp_path / "b", tight), train_dataset=token_blocks())
+    assert 0 < t.strategy.mgr.fractions["nvme_optim_frac"] < 1.0
+    t.train()
+    check_same_training(
+        [r["loss"] for r in t.history], t.strategy.full_state_dict(), reference, "auto"
+    )
+    with pytest.raises(ConfigError, match="no placement fits"):
+        Trainer(
+            tiny_gpt2(),
+            config(tmp_path / "c", auto | {"host_budget": reserve}),
+            train_dataset=token_blocks(),
+        )
+
+
 def test_optimizer_state_on_nvme(tmp_path, reference):
     nvme = tmp_path / "nvme"
     nvme.mkdir()
