@@ -25,9 +25,11 @@ from torch import nn
 from colossus.checkpoint import CheckpointWriter, load_json, load_tensors
 from colossus.config import ChunkStrategyConfig, OptimConfig
 from colossus.errors import CheckpointError, ConfigError, StorageError
+from colossus.optim import is_excluded
 from colossus.strategy import Strategy
-from offload import ChunkAdamW, ChunkConfig, ChunkManager
+from offload import ChunkAdamW, ChunkConfig, ChunkLamb, ChunkLars, ChunkManager
 from offload.nvme import NvmeError
+from parallel import comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_RE = re.compile(r"chunks-rank(\d{5})-of-(\d{5})\.safetensors")
@@ -88,6 +90,55 @@ def chunk_config(cc: ChunkStrategyConfig, device: torch.device, **extra) -> Chun
     )
 
 
+def _comm_reducer(sq: torch.Tensor, columns) -> None:
+    # through parallel.comm so the one all-reduce per step shows in the counted statistics
+    comm.all_reduce(sq)
+
+
+def build_chunk_trust_optimizer(mgr: ChunkManager, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``ChunkLamb`` / ``ChunkLars`` from the schema's ``optim`` section. Weight decay follows
+    the manager's decay / no-decay chunks, which :func:`chunk_decay_filter` built from the same
+    ``optim.exclude`` patterns as strategies none / ddp use."""
+    common = dict(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        eps=cfg.resolved_eps,
+        exclude_from_adaptation=cfg.exclude_from_adaptation,
+        max_grad_norm=cfg.max_grad_norm,
+        norm_reducer=_comm_reducer,
+    )
+    try:
+        if cfg.name == "lamb":
+            return ChunkLamb(
+                mgr,
+                betas=cfg.resolved_betas,
+                bias_correction=cfg.bias_correction,
+                phi_min=cfg.phi_min,
+                phi_max=cfg.phi_max,
+                trust_clip=cfg.trust_clip,
+                **common,
+            )
+        return ChunkLars(
+            mgr,
+            momentum=cfg.momentum,
+            trust_coefficient=cfg.trust_coefficient,
+            nesterov=cfg.nesterov,
+            larc_clip=cfg.larc_clip,
+            lr_inside_momentum=cfg.lr_inside_momentum,
+            **common,
+        )
+    except ValueError as e:
+        raise ConfigError(f"optim.name={cfg.name} with strategy chunk: {e}") from None
+
+
+def chunk_decay_filter(cfg: OptimConfig | None):
+    """The manager's decay rule: AdamW keeps ndim >= 2; LAMB / LARS use ``optim.exclude``."""
+    if cfg is None or cfg.name == "adamw":
+        return None
+    patterns, one_d = tuple(cfg.exclude), cfg.exclude_1d
+    return lambda name, p: not is_excluded(name, p, patterns, one_d)
+
+
 class ChunkStrategy(Strategy):
     """ZeRO-3 over the default process group with chunked, tier-placed model state."""
 
@@ -113,6 +164,9 @@ class ChunkStrategy(Strategy):
                     if cc.activation_reserve is not None
                     else self.activation_estimate
                 )
+            decay = chunk_decay_filter(self.optim_cfg)
+            if decay is not None:
+                extra["decay_filter"] = decay
             self.mgr = ChunkManager(model, chunk_config(cc, dev, **extra))
         except (ValueError, TypeError, NvmeError) as e:
             raise ConfigError(f"strategy.chunk: {e}") from None
@@ -121,10 +175,17 @@ class ChunkStrategy(Strategy):
         return self.engine
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
+        if cfg.name != "adamw":
+            self.optimizer = build_chunk_trust_optimizer(self.mgr, cfg)
+            return self.optimizer
         # one fused AdamW kernel per owned shard (optim.fused is moot: always the fused kernel);
         # decay / no-decay follows the same ndim >= 2 rule as the other strategies
         self.optimizer = ChunkAdamW(
-            self.mgr, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay
+            self.mgr,
+            lr=cfg.lr,
+            betas=cfg.resolved_betas,
+            eps=cfg.resolved_eps,
+            weight_decay=cfg.weight_decay,
         )
         return self.optimizer
 
@@ -201,7 +262,8 @@ class ChunkStrategy(Strategy):
             groups = [
                 {k: g[k] for k in ("name", *_HYPER) if k in g} for g in self.optimizer.param_groups
             ]
-            ckpt.save_json("optimizer.json", {"kind": "chunk_adamw", "param_groups": groups})
+            kind = f"chunk_{type(self.optimizer).__name__.removeprefix('Chunk').lower()}"
+            ckpt.save_json("optimizer.json", {"kind": kind, "param_groups": groups})
 
     def load(self, path: Path) -> None:
         files = shard_files(path)

@@ -81,14 +81,104 @@ class DataConfig(_Section):
     cache_dir: str = ".cache/colossus"
 
 
+_OPTIM_ONLY: dict[str, tuple[str, ...]] = {
+    # options that mean something for some optimizers only; setting one for another is an error
+    "fused": ("adamw",),
+    "bias_correction": ("lamb",),
+    "phi_min": ("lamb",),
+    "phi_max": ("lamb",),
+    "trust_clip": ("lamb",),
+    "betas": ("adamw", "lamb"),
+    "momentum": ("lars",),
+    "nesterov": ("lars",),
+    "trust_coefficient": ("lars",),
+    "larc_clip": ("lars",),
+    "lr_inside_momentum": ("lars",),
+    "exclude": ("lamb", "lars"),
+    "exclude_1d": ("lamb", "lars"),
+    "exclude_from_adaptation": ("lamb", "lars"),
+    "max_grad_norm": ("lamb", "lars"),
+}
+_DEFAULT_EPS = {"adamw": 1e-8, "lamb": 1e-6, "lars": 0.0}
+_DEFAULT_BETAS = {"adamw": (0.9, 0.95), "lamb": (0.9, 0.999)}
+
+
 class OptimConfig(_Section):
-    name: Literal["adamw"] = "adamw"
+    """Optimizer. LAMB / LARS defaults follow the papers; every option on which implementations
+    disagree is here (see :mod:`colossus.optim.lamb`, :mod:`colossus.optim.lars`). Setting an
+    option of another optimizer (``momentum`` with ``name: lamb``) is an error."""
+
+    name: Literal["adamw", "lamb", "lars"] = "adamw"
+    """``adamw`` (torch, fused), ``lamb`` (You et al. 2019), ``lars`` (You et al. 2017)."""
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
+    """Decoupled weight decay (excluded parameters get 0)."""
+    betas: tuple[float, float] | None = None
+    """None = (0.9, 0.95) for adamw, the paper's (0.9, 0.999) for lamb."""
+    eps: float | None = Field(None, ge=0)
+    """None = 1e-8 for adamw, the paper's 1e-6 for lamb, 0 for lars (added to its denominator)."""
     fused: bool | None = None
-    """None = fused kernel where torch has one for the device (CPU and CUDA in torch >= 2.4)."""
+    """adamw: None = fused kernel where torch has one for the device (CPU and CUDA in torch >= 2.4)."""
+    # ---- lamb / lars: which parameters are adapted and decayed
+    exclude: list[str] = Field(default_factory=lambda: ["bias", "norm", "ln_"])
+    """Regexes of parameter names with no weight decay (and, with exclude_from_adaptation, no
+    trust ratio); add ``emb`` to exclude embeddings."""
+    exclude_1d: bool = True
+    """Also exclude every 1-D parameter (biases, norm gains, whatever their names)."""
+    exclude_from_adaptation: bool = True
+    """Excluded parameters also skip the trust ratio (BERT's LAMB); false: ratio for all
+    parameters (torch-optimizer, timm)."""
+    max_grad_norm: float | None = Field(None, gt=0)
+    """Global-norm pre-normalisation inside the optimizer (NVIDIA FusedLAMB): gradients divided
+    by max(1, norm / max_grad_norm). Unlike ``train.max_grad_norm`` (clip before any optimizer)
+    it is part of the optimizer's math. None = off (the papers)."""
+    # ---- lamb
+    bias_correction: bool = True
+    """Adam bias correction of m and v (the paper's Algorithm 2; torch-optimizer's default is off)."""
+    phi_min: float | None = Field(None, ge=0)
+    """Lower clamp of ||w|| in the trust ratio (the paper's gamma_l); None = no clamp."""
+    phi_max: float | None = Field(None, gt=0)
+    """Upper clamp of ||w|| (gamma_u; torch-optimizer's clamp_value = 10); None = no clamp."""
+    trust_clip: float | None = Field(None, gt=0)
+    """Cap on the trust ratio itself (LAMBC / timm: 1.0); None = no cap."""
+    # ---- lars
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    trust_coefficient: float = Field(0.001, gt=0)
+    """LARS eta: local lr = eta * ||w|| / (||g|| + wd * ||w|| + eps)."""
+    larc_clip: bool = False
+    """LARC clip mode: local lr <- min(local lr / lr, 1)."""
+    lr_inside_momentum: bool = True
+    """The paper's v = m v + lr * local_lr * (g + wd w); false: lr applied after the buffer
+    (timm / torch SGD style)."""
+
+    @model_validator(mode="after")
+    def _options_fit_optimizer(self) -> OptimConfig:
+        # a value other than the default (not "was set": a dumped config sets every field)
+        wrong = [
+            k
+            for k, names in _OPTIM_ONLY.items()
+            if self.name not in names
+            and getattr(self, k)
+            != type(self).model_fields[k].get_default(call_default_factory=True)
+        ]
+        if wrong:
+            k = sorted(wrong)[0]
+            raise ValueError(
+                f"optim.{k} applies to {' / '.join(_OPTIM_ONLY[k])} only, not to optim.name="
+                f"{self.name}"
+            )
+        return self
+
+    @property
+    def resolved_eps(self) -> float:
+        return _DEFAULT_EPS[self.name] if self.eps is None else self.eps
+
+    @property
+    def resolved_betas(self) -> tuple[float, float]:
+        if self.betas is not None:
+            return tuple(self.betas)
+        return _DEFAULT_BETAS.get(self.name, (0.9, 0.999))
 
 
 class ScheduleConfig(_Section):

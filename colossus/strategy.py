@@ -55,8 +55,8 @@ def build_adamw(model: nn.Module, cfg: OptimConfig, device: torch.device) -> tor
     return torch.optim.AdamW(
         decay_groups(model, cfg.weight_decay),
         lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
+        betas=cfg.resolved_betas,
+        eps=cfg.resolved_eps,
         fused=fused,
     )
 
@@ -66,9 +66,10 @@ class Strategy:
 
     name = "none"
 
-    def __init__(self, cfg: StrategyConfig, ctx: DistContext):
+    def __init__(self, cfg: StrategyConfig, ctx: DistContext, optim: OptimConfig | None = None):
         self.cfg = cfg
         self.ctx = ctx
+        self.optim_cfg = optim  # known before prepare_model: chunk packs by the decay rule
         self.model: nn.Module | None = None  # the user's (unwrapped) model
         self.engine: nn.Module | None = None  # what forward is called on
         self.optimizer: torch.optim.Optimizer | None = None
@@ -82,7 +83,9 @@ class Strategy:
 
     def build_optimizer(self, cfg: OptimConfig) -> torch.optim.Optimizer:
         assert self.model is not None, "prepare_model first"
-        self.optimizer = build_adamw(self.model, cfg, self.ctx.device)
+        from colossus.optim import build_optimizer  # adamw, lamb or lars (optim.name)
+
+        self.optimizer = build_optimizer(self.model, cfg, self.ctx.device)
         return self.optimizer
 
     # ---- step -------------------------------------------------------------------------
@@ -199,7 +202,9 @@ class DDPStrategy(Strategy):
 STRATEGIES: dict[str, type[Strategy]] = {"none": Strategy, "ddp": DDPStrategy}
 
 
-def make_strategy(cfg: StrategyConfig, ctx: DistContext) -> Strategy:
+def make_strategy(
+    cfg: StrategyConfig, ctx: DistContext, optim: OptimConfig | None = None
+) -> Strategy:
     if cfg.name == "none" and ctx.distributed:
         raise ConfigError(
             f"strategy.name=none runs one process, but the launcher started {ctx.world_size}; "
@@ -208,5 +213,5 @@ def make_strategy(cfg: StrategyConfig, ctx: DistContext) -> Strategy:
     if cfg.name == "chunk":  # imported here: it pulls in offload, which none/ddp never need
         from colossus.chunk_strategy import ChunkStrategy
 
-        return ChunkStrategy(cfg, ctx)
-    return STRATEGIES[cfg.name](cfg, ctx)
+        return ChunkStrategy(cfg, ctx, optim)
+    return STRATEGIES[cfg.name](cfg, ctx, optim)

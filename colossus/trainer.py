@@ -125,7 +125,7 @@ class Trainer:
 
         self.run_dir = self._resolve_run_dir()
         set_seed(tc.seed + self.ctx.rank)  # per-rank randomness (dropout, masking) after model init
-        self.strategy: Strategy = make_strategy(config.strategy, self.ctx)
+        self.strategy: Strategy = make_strategy(config.strategy, self.ctx, config.optim)
         if hasattr(self.strategy, "activation_estimate"):  # placement=auto reserves it
             from colossus.plan import activation_bytes
 

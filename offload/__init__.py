@@ -26,6 +26,7 @@ TIERS: tuple[str, ...] = ("device", "host", "nvme")
 from .chunk import TRANSITIONS, Chunk, IllegalTransition, Segment, SlotState  # noqa: E402
 from .manager import ChunkConfig, ChunkManager, default_decay_filter  # noqa: E402
 from .optim import ChunkAdamW, ChunkOptimizer  # noqa: E402
+from .optim_lamb import ChunkLamb, ChunkLars, ChunkTrustOptimizer  # noqa: E402
 from .precision import DynamicLossScaler  # noqa: E402
 from .search import pack, padding_waste, search_chunk_size  # noqa: E402
 from .tiers import AccessOrder, Tier, belady_victim, static_placement  # noqa: E402
@@ -37,8 +38,11 @@ __all__ = [
     "Chunk",
     "ChunkAdamW",
     "ChunkConfig",
+    "ChunkLamb",
+    "ChunkLars",
     "ChunkManager",
     "ChunkOptimizer",
+    "ChunkTrustOptimizer",
     "DynamicLossScaler",
     "IllegalTransition",
     "Segment",

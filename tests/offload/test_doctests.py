@@ -13,6 +13,8 @@ MODULES = [
     "offload.precision",
     "offload.manager",
     "offload.optim",
+    "offload.optim_lamb",
+    "offload.trust",
     "offload.consolidate",
     "offload.nvme",
     "offload.swap",

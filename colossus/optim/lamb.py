@@ -1,0 +1,177 @@
+"""LAMB (You et al., "Large Batch Optimization for Deep Learning: Training BERT in 76 minutes",
+arXiv 1904.00962, Algorithm 2) as a ``torch.optim.Optimizer``.
+
+Per parameter (layer) ``l``, step ``t``::
+
+    m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2
+    r = m_hat / (sqrt(v_hat) + eps)            (m_hat = m / (1 - b1^t), v_hat likewise)
+    u = r + wd w                               (decoupled weight decay)
+    w = w - lr * phi(||w||) / ||u|| * u        (trust ratio; 1 when a norm is 0)
+
+Implementations disagree on details; each is an option, the paper's choice the default:
+
+=====================  ========================  ===============================================
+option                 default (paper)           others
+=====================  ========================  ===============================================
+``bias_correction``    True (Alg. 2, final v.)   False: arXiv v3, torch-optimizer ``debias=False``
+``phi_min/phi_max``    None (phi = identity)     torch-optimizer ``clamp_value=10`` = phi_max 10
+``trust_clip``         None                      1.0: LAMBC / timm ``trust_clip=True``
+``max_grad_norm``      None                      1.0: NVIDIA FusedLAMB global-norm pre-normalisation
+``exclude_from_        per group (param_groups   False everywhere: torch-optimizer, timm
+adaptation``           : bias / norm True)       (BERT's LAMB skips the ratio for no-decay params)
+``eps``                1e-6                      1e-8 (apex)
+=====================  ========================  ===============================================
+
+A step is a few passes over memory: one ``torch._fused_adamw_`` call per group computes the
+moments and the Adam direction into a workspace (one fp32 buffer per parameter, kept between
+steps, not part of the state dict), one ``_foreach_norm`` over weights and updates, ONE call
+of ``norm_reducer`` (sharded parameters, see :mod:`colossus.optim.reducer`), one
+``_foreach_addcmul_`` applies the scaled update. No per-parameter ``.item()``.
+
+Example::
+
+    >>> import torch
+    >>> from colossus.optim import Lamb, param_groups
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+    >>> opt = Lamb(param_groups(model, weight_decay=0.01), lr=1e-2)
+    >>> for _ in range(3):
+    ...     model(torch.randn(4, 8)).pow(2).mean().backward()
+    ...     opt.step(); opt.zero_grad()
+    >>> sorted(opt.state[model[0].weight])
+    ['exp_avg', 'exp_avg_sq', 'step']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from offload.trust import NormReducer, column_sq_norms, lamb_direction_, lamb_trust_ratio
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB with decoupled weight decay; see the module docstring for the options.
+
+    Param-group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``bias_correction``,
+    ``phi_min``, ``phi_max``, ``trust_clip``, ``exclude_from_adaptation`` (build groups by
+    name with :func:`colossus.optim.param_groups`). ``max_grad_norm`` and ``norm_reducer`` are
+    per optimizer. All parameters must be on one device."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        phi_min: float | None = None,
+        phi_max: float | None = None,
+        trust_clip: float | None = None,
+        exclude_from_adaptation: bool = False,
+        max_grad_norm: float | None = None,
+        norm_reducer: NormReducer | None = None,
+    ) -> None:
+        if lr <= 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(
+                f"need lr > 0, eps >= 0, weight_decay >= 0; got {lr}, {eps}, {weight_decay}"
+            )
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            phi_min=phi_min,
+            phi_max=phi_max,
+            trust_clip=trust_clip,
+            exclude_from_adaptation=exclude_from_adaptation,
+        )
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.norm_reducer = norm_reducer
+        self._work: dict[torch.Tensor, torch.Tensor] = {}
+
+    def _workspace(self, p: torch.Tensor) -> torch.Tensor:
+        w = self._work.get(p)
+        if w is None or w.shape != p.shape:
+            w = self._work[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return w
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            for p in ps:
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            todo.append((group, ps))
+        if not todo:
+            return loss
+        params = [p for _, ps in todo for p in ps]
+        grad_scale = None
+        if self.max_grad_norm is not None:  # NVIDIA's pre-normalisation: g / max(1, |g| / max)
+            gsq = column_sq_norms([[p.grad for p in params]])
+            if self.norm_reducer is not None:
+                self.norm_reducer(gsq, params)
+            grad_scale = (gsq.sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
+        works = []
+        for group, ps in todo:
+            steps = [self.state[p]["step"] for p in ps]
+            torch._foreach_add_(steps, 1.0)
+            work = [self._workspace(p) for p in ps]
+            b1, b2 = group["betas"]
+            lamb_direction_(
+                work,
+                [p.grad for p in ps],
+                [self.state[p]["exp_avg"] for p in ps],
+                [self.state[p]["exp_avg_sq"] for p in ps],
+                ps,
+                steps,
+                beta1=b1,
+                beta2=b2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                bias_correction=group["bias_correction"],
+                grad_scale=grad_scale,
+            )
+            works += work
+        sq = column_sq_norms([params, works])  # [2, n]: ||w||^2, ||u||^2 (partial if split)
+        if self.norm_reducer is not None:
+            self.norm_reducer(sq, params)  # the one collective of the step
+        i = 0
+        for group, ps in todo:
+            n = len(ps)
+            if group["exclude_from_adaptation"]:
+                ratio = torch.ones(n, device=sq.device)
+            else:
+                ratio = lamb_trust_ratio(
+                    sq[0, i : i + n],
+                    sq[1, i : i + n],
+                    group["phi_min"],
+                    group["phi_max"],
+                    group["trust_clip"],
+                )
+            scale = (ratio * group["lr"]).to(ps[0].dtype)
+            # work holds -(r + wd w): w += lr * ratio * work
+            torch._foreach_addcmul_(ps, works[i : i + n], list(scale.unbind()))
+            i += n
+        return loss

@@ -1,0 +1,155 @@
+"""LARS (You, Gitman, Ginsburg, "Large Batch Training of Convolutional Networks",
+arXiv 1708.03888, Algorithm 1) as a ``torch.optim.Optimizer``.
+
+Per parameter (layer) ``l``::
+
+    local_lr = eta * ||w|| / (||g|| + wd * ||w|| + eps)     (1 when a norm is 0)
+    v = m v + lr * local_lr * (g + wd w)
+    w = w - v
+
+Options where implementations disagree (paper's choice default):
+
+==========================  ============  ===========================================================
+option                      default       others
+==========================  ============  ===========================================================
+``trust_coefficient`` eta   0.001         0.02 (NVIDIA LARC), 0.001 (timm)
+``eps``                     0.0           1e-8 (timm, LARC) in the denominator
+``lr_inside_momentum``      True          False: ``v = m v + local_lr (g + wd w); w -= lr v`` (timm,
+                                          torch-SGD style); differs once the lr changes over steps
+``nesterov``                False         True: ``w -= (s (g + wd w) + m v)`` as in torch SGD
+``larc_clip``               False         True: LARC clip mode, ``local_lr <- min(local_lr / lr, 1)``
+``exclude_from_adaptation`` per group     False everywhere (timm applies it to all params)
+``max_grad_norm``           None          global-norm pre-normalisation of the gradients
+==========================  ============  ===========================================================
+
+A step: one ``_foreach_norm`` over weights and gradients, ONE ``norm_reducer`` call, then
+multi-tensor updates of the momentum buffers and weights; no per-parameter kernels or syncs.
+
+Example::
+
+    >>> import torch
+    >>> from colossus.optim import Lars, param_groups
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> opt = Lars(param_groups(model, weight_decay=5e-4), lr=1.0, momentum=0.9)
+    >>> x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    >>> for _ in range(3):
+    ...     torch.nn.functional.cross_entropy(model(x), y).backward()
+    ...     opt.step(); opt.zero_grad()
+    >>> sorted(opt.state[model[0].weight])
+    ['momentum_buffer']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from offload.trust import NormReducer, column_sq_norms, lars_apply_, lars_trust_ratio
+
+
+class Lars(torch.optim.Optimizer):
+    """LARS with momentum; see the module docstring for the options.
+
+    Param-group keys: ``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient``, ``eps``,
+    ``nesterov``, ``larc_clip``, ``lr_inside_momentum``, ``exclude_from_adaptation``."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 0.0,
+        nesterov: bool = False,
+        larc_clip: bool = False,
+        lr_inside_momentum: bool = True,
+        exclude_from_adaptation: bool = False,
+        max_grad_norm: float | None = None,
+        norm_reducer: NormReducer | None = None,
+    ) -> None:
+        if lr <= 0 or momentum < 0 or weight_decay < 0 or eps < 0 or trust_coefficient <= 0:
+            raise ValueError(
+                "need lr > 0, momentum >= 0, weight_decay >= 0, eps >= 0, trust_coefficient > 0; "
+                f"got {lr}, {momentum}, {weight_decay}, {eps}, {trust_coefficient}"
+            )
+        if nesterov and momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            larc_clip=larc_clip,
+            lr_inside_momentum=lr_inside_momentum,
+            exclude_from_adaptation=exclude_from_adaptation,
+        )
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.norm_reducer = norm_reducer
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        todo = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        todo = [(g, ps) for g, ps in todo if ps]
+        if not todo:
+            return loss
+        params = [p for _, ps in todo for p in ps]
+        grads = [p.grad for p in params]
+        if any(g.is_sparse for g in grads):
+            raise RuntimeError("Lars does not support sparse gradients")
+        sq = column_sq_norms([params, grads])  # [2, n]: ||w||^2, ||g||^2 (partial if split)
+        if self.norm_reducer is not None:
+            self.norm_reducer(sq, params)  # the one collective of the step
+        if self.max_grad_norm is not None:
+            # the reduced per-parameter squares sum to the global squared norm: no extra call
+            coef = (sq[1].sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
+            grads = torch._foreach_div(grads, coef)
+            sq[1] /= coef**2
+        i = 0
+        for group, ps in todo:
+            n = len(ps)
+            gs = grads[i : i + n]
+            lr, wd = group["lr"], group["weight_decay"]
+            if group["exclude_from_adaptation"]:  # plain SGD with momentum
+                ratio = torch.ones(n, device=sq.device)
+            else:
+                ratio = lars_trust_ratio(
+                    sq[0, i : i + n], sq[1, i : i + n], group["trust_coefficient"], wd, group["eps"]
+                )
+                if group["larc_clip"]:  # LARC: the local lr never exceeds the global one
+                    ratio = (ratio / lr).clamp(max=1.0)
+            if group["lr_inside_momentum"]:
+                scale, outside = ratio * lr, 1.0
+            else:
+                scale, outside = ratio, lr
+            bufs = None
+            if group["momentum"]:
+                bufs = []
+                for p in ps:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format
+                        )
+                    bufs.append(st["momentum_buffer"])
+            lars_apply_(
+                ps,
+                gs,
+                bufs,
+                list(scale.to(ps[0].dtype).unbind()),
+                wd,
+                group["momentum"],
+                group["nesterov"],
+                outside,
+            )
+            i += n
+        return loss
