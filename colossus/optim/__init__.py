@@ -25,7 +25,7 @@ from torch import nn
 from colossus.optim.groups import DEFAULT_EXCLUDE, is_excluded, param_groups
 from colossus.optim.lamb import Lamb
 from colossus.optim.lars import Lars
-from colossus.optim.reducer import ShardedNormReducer, default_is_sharded
+from colossus.optim.reducer import ShardedNormReducer, shard_weight
 from colossus.optim.scaling import scale_lr, scale_warmup
 from offload.trust import NormReducer
 
@@ -39,11 +39,11 @@ __all__ = [
     "NormReducer",
     "ShardedNormReducer",
     "build_optimizer",
-    "default_is_sharded",
     "is_excluded",
     "param_groups",
     "scale_lr",
     "scale_warmup",
+    "shard_weight",
 ]
 
 

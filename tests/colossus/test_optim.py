@@ -362,3 +362,60 @@ def test_bad_options_are_errors():
         Lars(p, momentum=0.0, nesterov=True)
     with pytest.raises(ValueError, match="lr > 0"):
         Lars(p, lr=0.0)
+
+
+# ------------------------------------------------------------------------------ schema + Trainer
+def test_schema_names_and_option_errors():
+    from colossus import ConfigError, TrainingConfig
+
+    cfg = TrainingConfig().with_overrides(["optim.name=lamb", "optim.phi_max=10"])
+    assert (cfg.optim.resolved_eps, cfg.optim.resolved_betas) == (1e-6, (0.9, 0.999))
+    assert TrainingConfig().optim.resolved_betas == (0.9, 0.95)  # adamw unchanged
+    with pytest.raises(ConfigError, match="optim.momentum applies to lars only"):
+        TrainingConfig().with_overrides(["optim.name=lamb", "optim.momentum=0.5"])
+    with pytest.raises(ConfigError, match="optim.phi_max applies to lamb only"):
+        TrainingConfig.from_dict({"optim": {"name": "lars", "phi_max": 3.0}})
+    with pytest.raises(ConfigError, match="optim.name"):
+        TrainingConfig().with_overrides(["optim.name=sgd"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_trainer_chunk_equals_none(name, tmp_path):
+    """The same run under strategy none and strategy chunk (parameters straddling chunks, one
+    process): same losses; ``optim.exclude`` decides decay in both (``emb`` added here)."""
+    from conftest import tiny_gpt2, token_blocks
+
+    from colossus import Trainer, TrainingConfig
+
+    optim = {"name": name, "lr": 3e-3 if name == "lamb" else 0.5, "exclude": ["bias", "ln_", "wpe"]}
+    if name == "lars":
+        optim["trust_coefficient"] = 0.02
+    losses = {}
+    for strat in ("none", "chunk"):
+        cfg = TrainingConfig(
+            name="o",
+            optim=optim,
+            schedule={"name": "constant"},
+            strategy={"name": strat, "chunk": {"chunk_size": 1500}}
+            if strat == "chunk"
+            else {"name": "none"},
+            train={"max_steps": 6, "batch_size": 4, "run_dir": str(tmp_path / strat), "seed": 0},
+            checkpoint={"save_final": False},
+            logging={"progress": False, "plot": False},
+        )
+        tr = Trainer(tiny_gpt2(), cfg, train_dataset=token_blocks())
+        if strat == "chunk":
+            no_decay = {s.name for c in tr.strategy.mgr.chunks if not c.decay for s in c.slots}
+            assert "transformer.wpe.weight" in no_decay and "transformer.wte.weight" not in no_decay
+            assert type(tr.optimizer).__name__ == f"Chunk{name.capitalize()}"
+        else:
+            assert type(tr.optimizer).__name__ == name.capitalize()
+        tr.train()
+        losses[strat] = [
+            r["loss"]
+            for r in map(__import__("json").loads, (tmp_path / strat / "metrics.jsonl").open())
+            if "loss" in r
+        ]
+    assert len(losses["none"]) == 6
+    assert max(abs(a - b) for a, b in zip(losses["none"], losses["chunk"])) <= 1e-5

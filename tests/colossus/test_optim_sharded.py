@@ -115,20 +115,19 @@ def _tp_problem():
 
 
 def _tp_slices(world: int, rank: int):
-    """1D (2 ranks): rows of w and b. 2D (4 ranks): w in 2 x 2 blocks, b in halves held by the
-    first column of ranks (the others hold an empty piece)."""
+    """1D (2 ranks): rows of w and b. 2D (4 ranks, grid i x j): w in 2 x 2 blocks; b split by
+    rows over i and replicated over j (``replicas=2``), as 2D layouts hold a bias."""
     if world == 2:
         r = slice(4 * rank, 4 * rank + 4)
-        return {"w": (r, slice(None)), "b": (r,)}
+        return {"w": ((r, slice(None)), 0, 1), "b": ((r,), 0, 1)}
     i, j = divmod(rank, 2)
-    return {
-        "w": (slice(4 * i, 4 * i + 4), slice(3 * j, 3 * j + 3)),
-        "b": (slice(4 * i, 4 * i + 4) if j == 0 else slice(0, 0),),
-    }
+    rows = slice(4 * i, 4 * i + 4)
+    return {"w": ((rows, slice(3 * j, 3 * j + 3)), 0, 1), "b": ((rows,), 0, 2)}
 
 
 def tp_case(kind: str) -> dict:
     from parallel import comm
+    from parallel.tensor.sharding import mark_sharded
 
     world, rank = dist.get_world_size(), dist.get_rank()
     full, grads = _tp_problem()
@@ -146,23 +145,24 @@ def tp_case(kind: str) -> dict:
 
     ref = {n: torch.nn.Parameter(t.clone()) for n, t in full.items()}
     mine = {
-        n: torch.nn.Parameter(t[sl[n]].clone() if n in sl else t.clone()) for n, t in full.items()
+        n: torch.nn.Parameter(t[sl[n][0]].clone() if n in sl else t.clone())
+        for n, t in full.items()
     }
-    for n in sl:
-        mine[n].tensor_model_parallel = True
+    for n, (_, dim, replicas) in sl.items():  # parallel's own record of a split (param.tp_shard)
+        mark_sharded(mine[n], tuple(full[n].shape), dim, None, rank, world, replicas)
     ropt = cls(groups(ref), **kw)
     mopt = cls(groups(mine), norm_reducer=ShardedNormReducer(None), **kw)
     comm.reset_stats()
     for g in grads:
         for n in full:
             ref[n].grad = g[n].clone()
-            mine[n].grad = g[n][sl[n]].clone() if n in sl else g[n].clone()
+            mine[n].grad = g[n][sl[n][0]].clone() if n in sl else g[n].clone()
         ropt.step()
         mopt.step()
     calls = comm.stats().get("world", {}).get("all_reduce", {}).get("calls", 0)
     err = {}
     for n in full:
-        want = ref[n].detach()[sl[n]] if n in sl else ref[n].detach()
+        want = ref[n].detach()[sl[n][0]] if n in sl else ref[n].detach()
         err[n] = (mine[n].detach() - want).abs().max().item() if want.numel() else 0.0
     moved = max((ref[n].detach() - full[n]).abs().max().item() for n in full)
     return {"err": err, "calls": calls, "steps": len(grads), "moved": moved}
