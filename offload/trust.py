@@ -89,7 +89,9 @@ def lamb_direction_(
 
     With bias correction on fp32 CPU / CUDA tensors this is one ``torch._fused_adamw_`` call
     (lr = 1 and weight decay 1 turn "param" into ``0 * out - r``: the Adam direction, moments
-    updated, one pass); otherwise a multi-tensor fallback (``torch._foreach_*``). ``fused``
+    updated, one pass; with weight decay, ``out`` starts as a copy of ``w`` and the kernel's
+    decay 1 + wd leaves ``-wd w - r``). A workspace ``out`` must hold finite values (it is
+    multiplied by 0). Otherwise a multi-tensor fallback (``torch._foreach_*``). ``fused``
     forces one or the other (None: fused where it applies)."""
     if not out:
         return
@@ -100,9 +102,14 @@ def lamb_direction_(
     )
     if can_fuse if fused is None else fused:
         steps = _step_list(step, len(out), out[0].device)
-        if any(o is not g for o, g in zip(out, grads)):
-            # "param" is multiplied by 1 - lr * wd = 0; a stale NaN would survive that
-            torch._foreach_zero_([o for o, g in zip(out, grads) if o is not g])
+        aliased = any(o is g for o, g in zip(out, grads))
+        decay = 1.0
+        if weight_decay and not aliased:
+            # "param" = w and weight decay 1 + wd: w * (1 - (1 + wd)) - r = -(r + wd w) in the
+            # same pass; the copy costs 2 element accesses, a separate decay pass 3
+            torch._foreach_copy_(out, weights)
+            decay += weight_decay
+        # else "param" is multiplied by 1 - 1 = 0: a workspace only needs to be finite
         torch._fused_adamw_(
             out,
             grads,
@@ -113,12 +120,15 @@ def lamb_direction_(
             lr=1.0,
             beta1=beta1,
             beta2=beta2,
-            weight_decay=1.0,
+            weight_decay=decay,
             eps=eps,
             amsgrad=False,
             maximize=False,
             grad_scale=grad_scale,
         )
+        if weight_decay and aliased:
+            torch._foreach_add_(out, weights, alpha=-weight_decay)
+        return
     else:
         g = grads
         if grad_scale is not None:
@@ -140,8 +150,8 @@ def lamb_direction_(
             r = torch._foreach_div(exp_avg, denom)
             torch._foreach_neg_(r)
         torch._foreach_copy_(out, r)
-    if weight_decay:
-        torch._foreach_add_(out, weights, alpha=-weight_decay)
+        if weight_decay:
+            torch._foreach_add_(out, weights, alpha=-weight_decay)
 
 
 def _step_list(step, n: int, device) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import argparse
 
 
 def add_bench_parser(sub, fmt) -> None:
-    from colossus.bench import bigmodel, nvme, offload, sp, step, tp
+    from colossus.bench import bigmodel, nvme, offload, optim, sp, step, tp
 
     b = sub.add_parser(
         "bench",
@@ -19,7 +19,8 @@ def add_bench_parser(sub, fmt) -> None:
         "  colossus bench bigmodel --params 4e9 --host-budget 12GiB --nvme-dir /nvme\n"
         "  colossus bench nvme --nvme-dir /nvme --json nvme.json\n"
         "  colossus bench tp --json bench-tp.json --plot bench-tp.png\n"
-        "  colossus bench sp --json bench-sp.json --plot bench-sp.png\n",
+        "  colossus bench sp --json bench-sp.json --plot bench-sp.png\n"
+        "  colossus bench optim --json bench-optim.json\n",
     )
     bsub = b.add_subparsers(dest="bench", required=True)
     step.add_parser(bsub, fmt)
@@ -28,6 +29,7 @@ def add_bench_parser(sub, fmt) -> None:
     nvme.add_parser(bsub, fmt)
     tp.add_parser(bsub, fmt)
     sp.add_parser(bsub, fmt)
+    optim.add_parser(bsub, fmt)
 
 
 __all__ = ["add_bench_parser", "argparse"]

@@ -24,7 +24,7 @@ adaptation``           : bias / norm True)       (BERT's LAMB skips the ratio fo
 
 A step is a few passes over memory: one ``torch._fused_adamw_`` call per group computes the
 moments and the Adam direction into a workspace (one fp32 buffer per parameter, kept between
-steps, not part of the state dict), one ``_foreach_norm`` over weights and updates, ONE call
+steps, not part of the state dict; with weight decay it starts as a copy of w), one ``_foreach_norm`` over weights and updates, ONE call
 of ``norm_reducer`` (sharded parameters, see :mod:`colossus.optim.reducer`), one
 ``_foreach_addcmul_`` applies the scaled update. No per-parameter ``.item()``.
 

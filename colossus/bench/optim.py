@@ -1,0 +1,179 @@
+"""``colossus bench optim``: optimizer step time for ~100M parameters against the memory bound.
+
+The parameters are the tensors of a GPT-2-like model (token embedding, then per layer the qkv /
+proj / fc / fc-proj matrices, their biases and two LayerNorms) scaled to ``--params``. Each
+optimizer steps on the same gradients; the step time (median of ``--steps`` after a warm-up) is
+compared with its memory-bandwidth bound: the fewest bytes the algorithm must touch per
+parameter (fp32), divided by the copy bandwidth measured in the same run (``dst.copy_(src)``
+over a buffer far larger than the caches; read + write bytes counted).
+
+Bytes per parameter, at least (reads + writes of 4-byte elements):
+
+* AdamW: read w, g, m, v; write w, m, v: 28.
+* LAMB: the same moments plus the update u (written, read again for ||u||-scaled apply) and w
+  read twice (once for its norm and decay, once in the apply): read w, g, m, v, then w, u;
+  write m, v, u, then w: 40. Norms can ride on those passes in a fused kernel.
+* LARS (momentum): read w, g (norms), then read w, g, buf; write buf, w: 28.
+
+Example::
+
+    colossus bench optim --json docs/bench-optim.json
+    colossus bench optim --params 2e7 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from colossus.bench.common import machine_info, median, print_table, write_json
+
+BYTES_PER_PARAM = {"adamw": 28, "lamb": 40, "lars": 28}
+
+
+def add_parser(bsub, fmt) -> None:
+    p = bsub.add_parser(
+        "optim",
+        help="optimizer step time (AdamW fused, LAMB, LARS) vs the memory-bandwidth bound",
+        formatter_class=fmt,
+        epilog="examples:\n  colossus bench optim --json bench-optim.json\n"
+        "  colossus bench optim --params 2e7 --steps 3 --variants adamw-fused lamb\n",
+    )
+    p.add_argument("--params", type=float, default=1e8, help="parameters (default 1e8)")
+    p.add_argument("--hidden", type=int, default=768, help="model width of the tensor shapes")
+    p.add_argument("--steps", type=int, default=7, help="measured rounds (after one warm-up)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["adamw-fused", "lamb", "lars"],
+        choices=list(VARIANTS),
+        help="optimizers to time",
+    )
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(bench_fn=run)
+
+
+def gpt_shapes(params: float, hidden: int = 768, vocab: int = 32000) -> list[tuple[int, ...]]:
+    """Tensor shapes of a GPT-2-like model with about ``params`` parameters."""
+    h = hidden
+    layer = [(h,), (h,), (h, 3 * h), (3 * h,), (h, h), (h,), (h,), (h,), (h, 4 * h), (4 * h,)]
+    layer += [(4 * h, h), (h,)]
+    per_layer = sum(torch.Size(s).numel() for s in layer)
+    shapes: list[tuple[int, ...]] = [(vocab, h), (1024, h)]
+    n = sum(torch.Size(s).numel() for s in shapes)
+    while n + per_layer <= params or n < per_layer:
+        shapes += layer
+        n += per_layer
+    return shapes + [(h,), (h,)]
+
+
+def _groups(params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def _adamw(fused: bool) -> Callable:
+    return lambda ps: torch.optim.AdamW(_groups(ps), lr=1e-3, fused=fused, foreach=not fused)
+
+
+def _lamb(ps):
+    from colossus.optim import Lamb
+
+    return Lamb(_groups(ps), lr=1e-3)
+
+
+def _lars(ps):
+    from colossus.optim import Lars
+
+    return Lars(_groups(ps), lr=1.0, momentum=0.9)
+
+
+def _torch_optimizer_lamb(ps):
+    import torch_optimizer  # the per-parameter Python loop, for comparison
+
+    return torch_optimizer.Lamb(_groups(ps), lr=1e-3)
+
+
+VARIANTS: dict[str, tuple[str, Callable]] = {
+    "adamw-fused": ("adamw", _adamw(True)),
+    "adamw-foreach": ("adamw", _adamw(False)),
+    "lamb": ("lamb", _lamb),
+    "lars": ("lars", _lars),
+    "lamb-torch-optimizer": ("lamb", _torch_optimizer_lamb),
+}
+
+
+def _build(name: str, shapes, grads: list[torch.Tensor]):
+    kind, make = VARIANTS[name]
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for s, gr in zip(shapes, grads):
+        p = torch.nn.Parameter(torch.empty(s).uniform_(-0.05, 0.05, generator=g))
+        p.grad = gr  # every variant steps on the same gradients (shared: less memory)
+        params.append(p)
+    opt = make(params)
+    opt.step()  # warm-up: state allocated and faulted in
+    return kind, opt, sum(p.numel() for p in params)
+
+
+def run(args: argparse.Namespace) -> int:
+    shapes = gpt_shapes(args.params, args.hidden)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.empty(s).normal_(0, 1e-3, generator=g) for s in shapes]
+    built, rows = {}, []
+    for name in args.variants:
+        try:
+            built[name] = _build(name, shapes, grads)
+        except ImportError as e:
+            rows.append({"name": name, "error": f"not installed: {e.name}"})
+    # rounds interleave the variants and a copy-bandwidth probe, so load from other processes on
+    # a shared machine hits all of them alike; medians over rounds
+    times: dict[str, list[float]] = {n: [] for n in built}
+    bws = []
+    src = torch.ones(1 << 27)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        bws.append(2 * src.nbytes / (time.perf_counter() - t))
+        for name, (_, opt, _) in built.items():
+            t = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t)
+    del src, dst
+    bw = median(bws)
+    for name, (kind, _, n) in built.items():
+        r = {"name": name, "kind": kind, "params": n, "step_time_s": median(times[name])}
+        r["step_time_min_s"] = min(times[name])
+        r["bytes_per_param"] = BYTES_PER_PARAM[kind]
+        r["bound_s"] = BYTES_PER_PARAM[kind] * n / bw
+        r["x_bound"] = r["step_time_s"] / r["bound_s"]
+        rows.append(r)
+    built.clear()
+    gc.collect()
+    ref = next((r for r in rows if r["name"] == "adamw-fused" and "step_time_s" in r), None)
+    for r in rows:
+        if ref and "step_time_s" in r:
+            r["x_adamw_fused"] = r["step_time_s"] / ref["step_time_s"]
+    info = machine_info()
+    n = sum(torch.Size(s).numel() for s in shapes)
+    title = (
+        f"optimizer step, {n / 1e6:.1f}M params in {len(shapes)} tensors, copy bandwidth "
+        f"{bw / 1e9:.1f} GB/s (median of {len(bws)}), {info['torch_threads']} threads"
+    )
+    print_table(title, rows)
+    write_json(
+        args.json,
+        "optim",
+        rows,
+        {**{k: v for k, v in vars(args).items() if k != "bench_fn"}, "copy_gbps": bw / 1e9},
+    )
+    return 0
