@@ -78,7 +78,9 @@ def mlm_run(cfg, data, val_batches, name, lr, batch, samples, warmup_samples, ev
         seen = (step + 1) * batch
         if seen % every == 0:
             curve.append((seen, evaluate(model, val_batches)))
-            print(f"  {name} B={batch} lr={lr:.1e} {seen} samples: val {curve[-1][1]:.3f}", flush=True)
+            print(
+                f"  {name} B={batch} lr={lr:.1e} {seen} samples: val {curve[-1][1]:.3f}", flush=True
+            )
     return {
         "optim": name,
         "lr": lr,
