@@ -317,6 +317,100 @@ class LoggingConfig(_Section):
     plot: bool = True
 
 
+class DemoDataConfig(_Section):
+    """The built-in RLHF demo task (``rlhf.data: demo``), see :mod:`colossus.rlhf.data`."""
+
+    out_dir: str = ".cache/colossus/rlhf-demo"
+    """Where the JSONL files are written (reused when they exist with the same settings)."""
+    n_examples: int = Field(3000, gt=0)
+    eval_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class GenerationConfig(_Section):
+    """Sampling for PPO rollouts and for the parse-rate evaluation (HF ``generate``, KV cache)."""
+
+    max_new_tokens: int = Field(24, gt=0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | None = "\n"
+    """A response ends at the first token whose text contains this string (or at eos)."""
+
+
+class PPOConfig(_Section):
+    """``rlhf.stage: ppo``: actor and reference from ``model.path``, reward model and critic from
+    ``reward_model``; ``train.max_steps`` is the number of rollout iterations."""
+
+    reward_model: str | None = None
+    """The reward model (the ``rm`` stage's export dir); frozen."""
+    critic: str | None = None
+    """Initial critic (a scalar-head model dir); None = a copy of ``reward_model``."""
+    rollout_batch: int = Field(16, gt=0)
+    """Prompts per rank per iteration."""
+    minibatch: int = Field(8, gt=0)
+    """Rollouts per optimizer step (per rank)."""
+    ppo_epochs: int = Field(4, gt=0)
+    """Passes over each rollout batch."""
+    gamma: float = Field(1.0, ge=0.0, le=1.0)
+    lam: float = Field(0.95, ge=0.0, le=1.0)
+    """GAE lambda."""
+    clip_range: float = Field(0.2, gt=0.0)
+    """Policy ratio clip (PPO's epsilon)."""
+    value_clip: float | None = Field(0.2, gt=0.0)
+    """Clip of the new values around the rollout values; None = unclipped value loss."""
+    critic_lr: float | None = Field(None, gt=0.0)
+    """Critic learning rate; None = ``optim.lr``."""
+    kl_coef: float = Field(0.05, ge=0.0)
+    """Per-token penalty ``kl_coef * (log p_actor - log p_ref)`` added to the reward."""
+    kl_target: float | None = Field(None, gt=0.0)
+    """Adaptive KL controller (Ziegler et al. 2019): moves ``kl_coef`` to keep the mean KL per
+    sequence near this; None = fixed ``kl_coef``."""
+    kl_horizon: int = Field(10000, gt=0)
+    kl_max: float | None = Field(None, gt=0.0)
+    """Stop an iteration's PPO epochs early once a minibatch's KL to the reference (nats per
+    sequence) exceeds this bound."""
+    reward_norm: Literal["none", "running", "batch"] = "running"
+    """Normalise reward-model scores by a running (over iterations) or per-batch mean / std."""
+    reward_clip: float | None = Field(5.0, gt=0.0)
+    """Clip normalised scores to [-reward_clip, reward_clip]."""
+    whiten_advantages: bool = True
+    entropy_coef: float = Field(0.0, ge=0.0)
+
+
+class DPOConfig(_Section):
+    """``rlhf.stage: dpo``: the policy and the frozen reference both start from ``model.path``."""
+
+    beta: float = Field(0.1, gt=0.0)
+    """Strength of the implicit KL constraint (Rafailov et al. 2023)."""
+    reference: str | None = None
+    """Reference model dir; None = ``model.path``."""
+
+
+class RLHFConfig(_Section):
+    """The RLHF stages, run by ``colossus train`` when ``stage`` is set (see colossus/rlhf/)."""
+
+    stage: Literal["sft", "rm", "ppo", "dpo"] | None = None
+    """None: ordinary language-model training."""
+    data: str = "demo"
+    """``demo`` (the built-in task) or a JSONL file in the stage's format (see README)."""
+    eval_data: str | None = None
+    """JSONL of held-out records (for ``demo``: its eval split)."""
+    demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    max_prompt_tokens: int = Field(64, gt=0)
+    """Longer prompts keep their last tokens."""
+    max_response_tokens: int = Field(32, gt=0)
+    """Longer responses are cut."""
+    export_dir: str | None = None
+    """Where the trained model is written as a ``from_pretrained`` folder for the next stage;
+    None = ``RUN_DIR/export``."""
+    eval_samples: int = Field(64, ge=0)
+    """Held-out prompts sampled to measure the parse rate (demo) before and after the stage."""
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+
 class TrainingConfig(_Section):
     """Everything a run needs. Build from YAML (`from_yaml`), a dict (`from_dict`), or kwargs.
 
@@ -335,6 +429,7 @@ class TrainingConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    rlhf: RLHFConfig = Field(default_factory=RLHFConfig)
 
     @field_validator("name")
     @classmethod

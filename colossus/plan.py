@@ -43,6 +43,7 @@ class Plan:
     io_bytes_per_step: float = 0.0
     chunks: int = 0
     fractions: dict[str, float] = field(default_factory=dict)  # the placement (auto: chosen)
+    ppo_models: list[dict[str, Any]] = field(default_factory=list)  # rlhf.stage=ppo: per model
 
     def total(self, tier: str) -> float:
         return sum(self.tiers.get(tier, {}).values())
@@ -68,7 +69,7 @@ def _meta_model(cfg: TrainingConfig):
 
     from colossus.models import _auto_class, build_hf_config
 
-    if cfg.model.path:
+    if model_path_for_plan(cfg):
         hf = AutoConfig.from_pretrained(cfg.model.path)
     else:
         hf = build_hf_config(cfg.model, vocab_size=cfg.data.tokenizer.vocab_size)
@@ -76,6 +77,68 @@ def _meta_model(cfg: TrainingConfig):
         model = _auto_class(cfg.model.resolved_task).from_config(hf)
     model.tie_weights()
     return model, hf
+
+
+def model_path_for_plan(cfg: TrainingConfig) -> str | None:
+    """``model.path``, unless an RLHF stage's input folder is not written yet (the previous
+    stage has not run): then the plan uses ``model.arch`` / ``model.config``."""
+    from pathlib import Path
+
+    p = cfg.model.path
+    if p and cfg.rlhf.stage and not (Path(p).expanduser() / "config.json").is_file():
+        return None
+    return p
+
+
+def ppo_model_rows(cfg: TrainingConfig, n: int, hf: Any) -> list[dict[str, Any]]:
+    """Per-model memory of PPO (strategy none / ddp: every rank holds all four): the actor and
+    critic train (params + grads + AdamW state + activations of one minibatch), the reference
+    and reward model only run forward; the actor also holds the KV cache of a rollout batch."""
+    r, p = cfg.rlhf, cfg.rlhf.ppo
+    seq = r.max_prompt_tokens + r.generation.max_new_tokens
+    act = activation_bytes(hf, p.minibatch, seq, cfg.model.gradient_checkpointing)
+    h = getattr(hf, "hidden_size", None) or getattr(hf, "n_embd", 0)
+    layers = getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layer", 0)
+    kv = 2 * layers * p.rollout_batch * seq * h * 4
+    vocab = getattr(hf, "vocab_size", 0)
+    n_scalar = n - (vocab * h if not getattr(hf, "tie_word_embeddings", True) else 0) + h
+    rows = [
+        {
+            "name": "actor",
+            "params": 4 * n,
+            "grads": 4 * n,
+            "optim_state": 8 * n,
+            "activations": act,
+            "kv_cache": kv,
+        },
+        {
+            "name": "critic",
+            "params": 4 * n_scalar,
+            "grads": 4 * n_scalar,
+            "optim_state": 8 * n_scalar,
+            "activations": act,
+            "kv_cache": 0,
+        },
+        {
+            "name": "reference",
+            "params": 4 * n,
+            "grads": 0,
+            "optim_state": 0,
+            "activations": 0,
+            "kv_cache": 0,
+        },
+        {
+            "name": "reward",
+            "params": 4 * n_scalar,
+            "grads": 0,
+            "optim_state": 0,
+            "activations": 0,
+            "kv_cache": 0,
+        },
+    ]
+    for row in rows:
+        row["total"] = sum(v for k, v in row.items() if k != "name")
+    return rows
 
 
 def activation_bytes(hf: Any, batch: int, seq: int, checkpointing: bool) -> float:
@@ -114,6 +177,12 @@ def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
     plan = Plan(params=n, world_size=world_size, strategy=cfg.strategy.name)
     plan.step_flops = (8 if ckpt else 6) * n * tokens * tc.grad_accum
     act = activation_bytes(hf, tc.batch_size, cfg.data.block_size, ckpt)
+    if cfg.rlhf.stage == "ppo":  # four models, each whole on every rank (none / ddp)
+        plan.ppo_models = ppo_model_rows(cfg, n, hf)
+        parts = ("params", "grads", "optim_state", "activations", "kv_cache")
+        plan.tiers["device"] = {k: sum(r[k] for r in plan.ppo_models) for k in parts}
+        plan.budgets = {"device": None}
+        return plan
     if cfg.strategy.name != "chunk":  # everything on the device, replicated on every rank
         plan.tiers["device"] = {
             "params": 4 * n,
@@ -227,6 +296,15 @@ def run_plan(cfg: TrainingConfig, world_size: int, disk_gbps: float | None) -> i
     if cfg.strategy.name == "chunk" and cfg.strategy.chunk.placement == "auto":
         chosen = " ".join(f"{k}={v:.3f}" for k, v in plan.fractions.items())
         print(f"placement=auto chose: {chosen}")
+    if plan.ppo_models:
+        print_table(
+            "plan: PPO memory per model (GiB, on every rank)",
+            [{k: v / GIB if k != "name" else v for k, v in r.items()} for r in plan.ppo_models],
+        )
+    if cfg.model.path and not model_path_for_plan(cfg):
+        print(
+            f"note: {cfg.model.path} is not written yet (previous stage); planned with model.config"
+        )
     flops = matmul_flops()
     compute = plan.step_flops / flops
     est = {"compute_s": compute, "matmul_gflops": flops / 1e9}

@@ -42,4 +42,8 @@ def build_trainer(cfg: TrainingConfig, callbacks=()) -> Trainer:
 
 
 def run_recipe(cfg: TrainingConfig, callbacks=()) -> dict[str, Any]:
+    if cfg.rlhf.stage is not None:  # an RLHF stage (sft / rm / ppo / dpo): colossus.rlhf
+        from colossus.rlhf import run_rlhf
+
+        return run_rlhf(cfg)
     return build_trainer(cfg, callbacks).train()

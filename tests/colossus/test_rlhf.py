@@ -1,0 +1,373 @@
+"""RLHF: the demo data, SFT prompt masking, the PPO math against hand-computed numbers, and the
+chain SFT -> RM -> PPO (+ DPO) on a tiny GPT-2 driven by the recipes (with shorter runs)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from colossus.config import TrainingConfig
+from colossus.errors import ConfigError
+from colossus.recipe import run_recipe
+from colossus.rlhf.data import (
+    IGNORE_INDEX,
+    PairCollator,
+    SFTCollator,
+    encode_pair,
+    encode_sft,
+    parses_in_context,
+    read_jsonl,
+    write_demo_data,
+)
+from colossus.rlhf.ppo_math import (
+    AdaptiveKL,
+    RunningMoments,
+    gae,
+    kl_penalized_rewards,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+
+TINY = [
+    "model.config.n_layer=2",
+    "model.config.n_embd=64",
+    "model.config.n_head=4",
+    "logging.progress=false",
+    "logging.plot=false",
+]
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    return d, write_demo_data(d, n_examples=1500)
+
+
+def test_demo_data_formats_and_determinism(demo, tmp_path):
+    d, files = demo
+    pairs = read_jsonl(files["pairs-train"], ("prompt", "chosen", "rejected"))
+    assert len(pairs) > 300
+    for p in pairs:
+        assert p["prompt"].startswith(("def ", "async def ")) and p["prompt"].endswith("\n")
+        assert parses_in_context(p["prompt"], p["chosen"]), p
+        assert not parses_in_context(p["prompt"], p["rejected"]), p
+    sft = read_jsonl(files["sft-eval"], ("prompt", "response"))
+    prompts = read_jsonl(files["prompts-eval"], ("prompt",))
+    assert [x["prompt"] for x in sft] == [x["prompt"] for x in prompts] and sft
+    train = {x["prompt"] for x in read_jsonl(files["prompts-train"], ("prompt",))}
+    assert not train & {x["prompt"] for x in prompts}  # held out
+    again = write_demo_data(tmp_path, n_examples=1500)
+    for k, f in files.items():
+        assert f.read_bytes() == again[k].read_bytes(), k
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ConfigError, match=r"x.jsonl:2: needs string field\(s\) \['response'\]"):
+        read_jsonl(f, ("prompt", "response"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from colossus.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(["def f(x):\n    return x + 1\n"] * 50, "bpe", vocab_size=300)
+
+
+def test_sft_labels_mask_prompt_tokens(tok):
+    prompt, resp = "def f(x):\n", "    return x + 1\n"
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tok(resp, add_special_tokens=False)["input_ids"]
+    a = encode_sft(tok, prompt, resp, 64, 64)
+    b = encode_sft(tok, "def g(y, z):\n", "    return y\n", 64, 64)
+    assert a["input_ids"].tolist() == p_ids + r_ids
+    assert a["labels"].tolist() == [IGNORE_INDEX] * len(p_ids) + r_ids
+    batch = SFTCollator(pad_token_id=0)([a, b])
+    n_b = b["input_ids"].numel()
+    assert batch["input_ids"].shape == (2, max(len(p_ids) + len(r_ids), n_b))
+    # row 1: the prompt and the right padding are -100, the response keeps its ids
+    pb = len(tok("def g(y, z):\n", add_special_tokens=False)["input_ids"])
+    lab = batch["labels"][1]
+    assert (lab[:pb] == IGNORE_INDEX).all() and (lab[n_b:] == IGNORE_INDEX).all()
+    assert lab[pb:n_b].tolist() == batch["input_ids"][1, pb:n_b].tolist()
+    assert batch["attention_mask"][1].tolist() == [1] * n_b + [0] * (lab.numel() - n_b)
+    # truncation keeps the end of a long prompt and the start of a long response
+    c = encode_sft(tok, prompt, resp, 2, 3)
+    assert c["input_ids"].tolist() == p_ids[-2:] + r_ids[:3]
+    pair = PairCollator(0)([encode_pair(tok, prompt, resp, "    return (x\n", 64, 64)])
+    assert (pair["rejected_labels"][0, : len(p_ids)] == IGNORE_INDEX).all()
+
+
+# ---- PPO math, against numbers worked out by hand -----------------------------------------
+
+
+def test_gae_hand_computed():
+    # one sequence of 3 response tokens; gamma = 0.9, lambda = 0.8
+    r = torch.tensor([[0.1, -0.2, 1.0]])
+    v = torch.tensor([[0.5, 0.4, 0.6]])
+    adv, ret = gae(r, v, torch.ones(1, 3), gamma=0.9, lam=0.8)
+    # delta_2 = 1.0 + 0.9*0 - 0.6 = 0.4                      A_2 = 0.4
+    # delta_1 = -0.2 + 0.9*0.6 - 0.4 = -0.06                 A_1 = -0.06 + 0.72*0.4 = 0.228
+    # delta_0 = 0.1 + 0.9*0.4 - 0.5 = -0.04                  A_0 = -0.04 + 0.72*0.228 = 0.12416
+    torch.testing.assert_close(adv, torch.tensor([[0.12416, 0.228, 0.4]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.62416, 0.628, 1.0]]))
+    # a masked tail is ignored: the same row with a padded 4th token gives the same numbers
+    adv2, _ = gae(
+        torch.tensor([[0.1, -0.2, 1.0, 7.0]]),
+        torch.tensor([[0.5, 0.4, 0.6, 9.0]]),
+        torch.tensor([[1.0, 1.0, 1.0, 0.0]]),
+        0.9,
+        0.8,
+    )
+    torch.testing.assert_close(adv2, torch.tensor([[0.12416, 0.228, 0.4, 0.0]]))
+
+
+def test_kl_rewards_hand_computed():
+    score = torch.tensor([2.0, -1.0])
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl = kl_penalized_rewards(score, logp, ref, mask, kl_coef=0.1)
+    # kl = logp - ref on real tokens: [0.5, -1.0, 0.0], [-0.5, 0.0, (masked) 0]
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [-0.5, 0.0, 0.0]]))
+    # reward = -0.1 * kl, plus the score on each row's last real token (index 2 and 1)
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [0.05, -1.0, 0.0]]))
+
+
+def test_clipped_policy_loss_hand_computed():
+    old = torch.zeros(1, 4)
+    # ratios e^x = 1.5, 0.5, 1.1, 0.9 ; advantages +1, +1, -1, -1 ; clip 0.2
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    loss, clip_frac, _ = policy_loss(logp, old, adv, torch.ones(1, 4), clip=0.2)
+    # per token max(-A r, -A clip(r)):
+    #   A=+1, r=1.5: max(-1.5, -1.2) = -1.2 (clipped)   A=+1, r=0.5: max(-0.5, -0.8) = -0.5
+    #   A=-1, r=1.1: max(1.1, 1.1)   = 1.1              A=-1, r=0.9: max(0.9, 0.9)   = 0.9
+    # mean = (-1.2 - 0.5 + 1.1 + 0.9) / 4 = 0.075; only the first token is clipped
+    assert float(loss) == pytest.approx(0.075, abs=1e-6)
+    assert float(clip_frac) == pytest.approx(0.25)
+    # the clipped token passes no gradient; the others pass -A * r / 4
+    logp = logp.clone().requires_grad_(True)
+    policy_loss(logp, old, adv, torch.ones(1, 4), 0.2)[0].backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.125, 0.275, 0.225]]))
+
+
+def test_clipped_value_loss_hand_computed():
+    v = torch.tensor([[1.0, 0.0, 0.5]])
+    old = torch.tensor([[0.5, 0.5, 0.5]])
+    ret = torch.tensor([[2.0, -1.0, 0.0]])
+    loss, frac = value_loss(v, old, ret, torch.ones(1, 3), clip=0.2)
+    # v_clip = old + clip(v - old, +-0.2) = [0.7, 0.3, 0.5]
+    # (v - R)^2 = [1.0, 1.0, 0.25]; (v_clip - R)^2 = [1.69, 1.69, 0.25]; max = [1.69, 1.69, 0.25]
+    # loss = 0.5 * mean = 0.5 * 3.63 / 3 = 0.605
+    assert float(loss) == pytest.approx(0.605, abs=1e-6)
+    assert float(frac) == pytest.approx(2 / 3)
+    unclipped, _ = value_loss(v, old, ret, torch.ones(1, 3), clip=None)
+    assert float(unclipped) == pytest.approx(0.5 * 2.25 / 3, abs=1e-6)
+
+
+def test_whitening_kl_controller_and_running_moments():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    w = masked_whiten(x, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    # mean 2, population variance 2/3 -> (x - 2) / sqrt(2/3)
+    torch.testing.assert_close(w, torch.tensor([[-1.224744, 0.0, 1.224744, 0.0]]))
+    ctl = AdaptiveKL(0.1, target=2.0, horizon=100)
+    assert ctl.update(kl=4.0, n_samples=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    assert AdaptiveKL(0.1, None, 100).update(50.0, 10) == 0.1
+    m = RunningMoments()
+    m.update(torch.tensor([1.0, 2.0]))
+    mean, std = m.update(torch.tensor([3.0, 4.0, 5.0]))
+    assert mean == pytest.approx(3.0) and std == pytest.approx(math.sqrt(2.5))
+
+
+# ---- the chain on a tiny model --------------------------------------------------------------
+
+
+def _cfg(stage: str, tmp: Path, demo_dir: Path, *extra: str) -> TrainingConfig:
+    return TrainingConfig.from_yaml(
+        f"recipes/rlhf-{stage}.yaml",
+        [
+            *TINY,
+            f"rlhf.demo.out_dir={demo_dir}",
+            "rlhf.demo.n_examples=1500",
+            f"rlhf.export_dir={tmp / stage}",
+            f"train.run_dir={tmp / ('run-' + stage)}",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"model.path={tmp / 'sft'}",
+            f"rlhf.ppo.reward_model={tmp / 'rm'}",
+            "rlhf.eval_samples=32",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, demo):
+    tmp = tmp_path_factory.mktemp("chain")
+    demo_dir = demo[0]
+    sft = run_recipe(
+        _cfg(
+            "sft",
+            tmp,
+            demo_dir,
+            "model.path=null",
+            "data.max_chars=300000",
+            "data.tokenizer.vocab_size=512",
+            "train.max_steps=80",
+            "train.eval_interval=null",
+        )
+    )
+    rm = run_recipe(_cfg("rm", tmp, demo_dir, "train.max_steps=300"))
+    return tmp, demo_dir, sft, rm
+
+
+@pytest.mark.slow
+def test_sft_then_reward_model_accuracy(chain):
+    tmp, _, sft, rm = chain
+    assert (tmp / "sft" / "config.json").is_file() and (tmp / "sft" / "tokenizer.json").is_file()
+    assert sft["parse_rate_after"] >= sft["parse_rate_before"]
+    assert sft["eval_loss"] < 5.0
+    assert rm["eval_accuracy_before"] < 0.7  # a fresh head is near chance
+    assert rm["eval_accuracy"] >= 0.8, rm  # held-out synthetic pairs
+    from transformers import AutoModelForSequenceClassification
+
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp / "rm")
+    assert loaded.config.num_labels == 1
+
+
+@pytest.mark.slow
+def test_ppo_raises_reward_within_kl_bound(chain):
+    tmp, demo_dir, _, _ = chain
+    cfg = _cfg(
+        "ppo",
+        tmp,
+        demo_dir,
+        "train.max_steps=10",
+        "rlhf.ppo.rollout_batch=16",
+        "rlhf.ppo.minibatch=8",
+    )
+    s = run_recipe(cfg)
+    rewards = [h["reward"] for h in s["history"]]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards
+    bound = cfg.rlhf.ppo.kl_max
+    assert all(h["kl"] <= bound for h in s["history"]), [h["kl"] for h in s["history"]]
+    recs = [json.loads(x) for x in (tmp / "run-ppo" / "metrics.jsonl").read_text().splitlines()]
+    for k in ("reward", "kl", "entropy", "clip_frac", "value_loss", "parse_rate"):
+        assert len([r for r in recs if k in r]) == 10, k
+    assert (tmp / "ppo" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_dpo_raises_margin(chain):
+    tmp, demo_dir, _, _ = chain
+    # a smaller pair set (the reference log-probs of every pair are computed up front)
+    small = tmp / "demo-small"
+    s = run_recipe(
+        _cfg(
+            "dpo",
+            tmp,
+            demo_dir,
+            "train.max_steps=30",
+            f"rlhf.demo.out_dir={small}",
+            "rlhf.demo.n_examples=400",
+            "rlhf.eval_samples=16",
+        )
+    )
+    assert s["eval_reward_margin_before"] == pytest.approx(0.0, abs=1e-4)  # policy == reference
+    assert s["eval_reward_margin"] > 0.05, s
+    assert s["eval_logp_margin"] > s["eval_logp_margin_before"]
+    assert s["eval_accuracy"] > 0.6
+
+
+def test_ppo_refuses_chunk_and_bad_minibatch(tmp_path):
+    with pytest.raises(ConfigError, match="strategy.name none and ddp"):
+        run_recipe(TrainingConfig.from_yaml("recipes/rlhf-ppo.yaml", ["strategy.name=chunk"]))
+    with pytest.raises(ConfigError, match="must divide"):
+        run_recipe(TrainingConfig.from_yaml("recipes/rlhf-ppo.yaml", ["rlhf.ppo.minibatch=5"]))
+    with pytest.raises(ConfigError, match="not a model folder"):
+        run_recipe(TrainingConfig.from_yaml("recipes/rlhf-rm.yaml", [f"model.path={tmp_path}"]))
+    with pytest.raises(ConfigError, match="unknown key 'rlhf.ppo.kl_cof'"):
+        TrainingConfig.from_yaml("recipes/rlhf-ppo.yaml", ["rlhf.ppo.kl_cof=0.1"])
+
+
+@pytest.mark.slow
+def test_sft_and_ppo_under_accelerate_launch_two_gloo_ranks(chain, tmp_path):
+    # `accelerate launch --cpu --num_processes N` starts ONE process; --multi_gpu with
+    # ACCELERATE_USE_CPU=1 starts N gloo processes on a CPU-only box.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    tmp, demo_dir, _, _ = chain
+
+    def launch(stage: str, *sets: str) -> dict:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cfg = _cfg(stage, tmp, demo_dir)  # the same overrides, as --set arguments
+        run = tmp_path / stage
+        args = [
+            *TINY,
+            f"rlhf.demo.out_dir={demo_dir}",
+            "rlhf.demo.n_examples=1500",
+            f"rlhf.export_dir={run / 'export'}",
+            f"data.cache_dir={tmp / 'cache'}",
+            f"model.path={cfg.model.path}",
+            f"rlhf.ppo.reward_model={cfg.rlhf.ppo.reward_model}",
+            "rlhf.eval_samples=8",
+            "strategy.name=ddp",
+            *sets,
+        ]
+        cmd = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes=2",
+            "--num_machines=1",
+            "--mixed_precision=no",
+            "--dynamo_backend=no",
+            f"--main_process_port={port}",
+            "-m",
+            "colossus.cli",
+            "train",
+            f"recipes/rlhf-{stage}.yaml",
+            "--run-dir",
+            str(run),
+            *sum((["--set", a] for a in args), []),
+        ]
+        env = dict(os.environ) | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+        env.pop("WORLD_SIZE", None)
+        proc = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (run / "export" / "config.json").is_file()
+        return json.loads((run / "rlhf_summary.json").read_text())
+
+    sft = launch(
+        "sft",
+        "model.path=null",
+        "data.max_chars=300000",
+        "data.tokenizer.vocab_size=512",
+        "train.max_steps=6",
+        "train.eval_interval=null",
+    )
+    assert sft["world_size"] == 2 and sft["global_batch"] == 2 * 16
+    ppo = launch("ppo", "train.max_steps=2", "rlhf.ppo.rollout_batch=8", "rlhf.ppo.minibatch=4")
+    assert ppo["world_size"] == 2 and ppo["iterations"] == 2
+    assert ppo["ranks_in_sync"]  # DDP kept actor and critic identical on both ranks
+
+
+def test_ppo_math_doctest():
+    import doctest
+
+    import colossus.rlhf.ppo_math as m
+
+    res = doctest.testmod(m)
+    assert res.attempted > 0 and res.failed == 0
