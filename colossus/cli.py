@@ -51,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = p.add_subparsers(
-        dest="command", required=True, metavar="{train,plan,generate,export,bench}"
+        dest="command", required=True, metavar="{train,plan,generate,export,rlhf-data,bench}"
     )
 
     t = sub.add_parser(
@@ -118,6 +118,17 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("out_dir")
     e.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
 
+    rd = sub.add_parser(
+        "rlhf-data",
+        help="write the built-in RLHF demo task's JSONL files (sft / pairs / prompts)",
+        formatter_class=fmt,
+        epilog="example:\n  colossus rlhf-data data/rlhf-demo --n-examples 3000\n",
+    )
+    rd.add_argument("out_dir")
+    rd.add_argument("--n-examples", type=int, default=3000, help="prompts (default 3000)")
+    rd.add_argument("--eval-fraction", type=float, default=0.1)
+    rd.add_argument("--seed", type=int, default=0)
+
     add_bench_parser(sub, fmt)
     return p
 
@@ -170,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
 
             out = export_checkpoint(args.checkpoint, args.out_dir, force=args.force)
             print(f"exported to {out}")
+            return 0
+        if args.command == "rlhf-data":
+            from colossus.rlhf.data import write_demo_data
+
+            files = write_demo_data(args.out_dir, args.n_examples, args.eval_fraction, args.seed)
+            for name, path in files.items():
+                n = sum(1 for _ in open(path, encoding="utf-8"))
+                print(f"{name:15s} {n:6d} records  {path}")
             return 0
         if args.command == "bench":
             return args.bench_fn(args)

@@ -67,6 +67,16 @@ def test_demo_data_formats_and_determinism(demo, tmp_path):
         assert f.read_bytes() == again[k].read_bytes(), k
 
 
+def test_rlhf_data_cli_writes_the_same_files(demo, tmp_path, capsys):
+    from colossus.cli import main
+
+    d, files = demo
+    assert main(["rlhf-data", str(tmp_path), "--n-examples", "1500"]) == 0
+    assert "pairs-train" in capsys.readouterr().out
+    for k, f in files.items():
+        assert (tmp_path / f.name).read_bytes() == f.read_bytes(), k
+
+
 def test_jsonl_errors_name_the_line(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
@@ -371,3 +381,34 @@ def test_ppo_math_doctest():
 
     res = doctest.testmod(m)
     assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.slow
+def test_sft_under_chunk_exports_the_same_model_as_none(chain, tmp_path):
+    from safetensors.torch import load_file
+
+    tmp, demo_dir, _, _ = chain
+    out = {}
+    for strategy in ("none", "chunk"):
+        s = run_recipe(
+            _cfg(
+                "sft",
+                tmp,
+                demo_dir,
+                "model.path=null",
+                "data.max_chars=300000",
+                "data.tokenizer.vocab_size=512",
+                "train.max_steps=3",
+                "train.eval_interval=null",
+                "rlhf.eval_samples=0",
+                f"strategy.name={strategy}",
+                f"rlhf.export_dir={tmp_path / strategy}",
+                f"train.run_dir={tmp_path / ('run-' + strategy)}",
+            )
+        )
+        out[strategy] = (s["final_loss"], load_file(tmp_path / strategy / "model.safetensors"))
+    assert out["chunk"][0] == pytest.approx(out["none"][0], abs=1e-5)
+    ref, got = out["none"][1], out["chunk"][1]
+    assert set(ref) == set(got)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=1e-4, rtol=1e-4, msg=k)
