@@ -15,6 +15,7 @@ RECIPES = sorted(Path("recipes").glob("*.yaml"))
 def test_the_issue_recipes_exist():
     names = {p.stem for p in RECIPES}
     want = {"gpt2-tiny", "gpt2-small", "gpt2-xl-offload", "llama-7b-nvme", "bert-tiny-mlm"}
+    want |= {"bert-base-lamb"}
     want |= {f"rlhf-{s}" for s in ("sft", "rm", "ppo", "dpo")}
     assert want <= names, want - names
 
