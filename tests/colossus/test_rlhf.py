@@ -384,10 +384,10 @@ def test_ppo_math_doctest():
 
 
 @pytest.mark.slow
-def test_sft_under_chunk_exports_the_same_model_as_none(chain, tmp_path):
+def test_sft_under_chunk_exports_the_same_model_as_none(demo, tmp_path):
     from safetensors.torch import load_file
 
-    tmp, demo_dir, _, _ = chain
+    tmp, demo_dir = tmp_path, demo[0]
     out = {}
     for strategy in ("none", "chunk"):
         s = run_recipe(
