@@ -280,6 +280,15 @@ class StrategyConfig(_Section):
     """Sequence-parallel attention: ``ring_attention`` (online softmax, memory linear in L/sp),
     ``ring_self_attention`` (RSA, an (L/sp) x L score strip per rank), ``ulysses`` (all-to-all
     over heads; needs heads % sp == 0)."""
+    tp: int = Field(1, ge=1)
+    """Tensor-parallel size: each layer of the model (GPT-2, BERT, Llama) is split over ``tp``
+    consecutive ranks (``parallel.policies``); the rest of the world is data-parallel
+    (dp = world size / tp, gradients all-reduced over dp). 1 = no tensor parallelism."""
+    tp_mode: Literal["1d", "2d", "2.5d", "3d"] = "1d"
+    """How layers are split: ``1d`` (Megatron-LM column/row). 2d needs tp = q^2, 2.5d
+    tp = q^2 * tp_depth, 3d tp = q^3."""
+    tp_depth: int = Field(1, ge=1)
+    """Depth of the 2.5d grid (tp = q^2 * tp_depth); 1 otherwise."""
 
 
 class TrainConfig(_Section):

@@ -45,6 +45,8 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
     model = auto.from_config(hf_cfg, dtype=torch.float32)
     if shard_files(p):  # strategy chunk: consolidate the rank shards
         missing, unexpected = model.load_state_dict(dict(iter_consolidated(p)), strict=False)
+    elif (p / "tp_layout.json").is_file():  # strategy tp: concatenate the tensor-parallel shards
+        missing, unexpected = model.load_state_dict(tp_consolidated(p), strict=False)
     else:
         missing, unexpected = load_model(
             model, str(p / "model.safetensors"), strict=False, device=str(device)
@@ -62,6 +64,19 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu"):
         else None
     )
     return model.to(device), tok
+
+
+def tp_consolidated(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full Hugging Face state dict of a ``strategy.tp`` checkpoint (tp shards + layout)."""
+    from colossus.tp_strategy import LAYOUT, tp_shard_files
+    from parallel.policies import consolidate
+
+    p = Path(path)
+    files = tp_shard_files(p)
+    try:
+        return consolidate([load_tensors(f) for f in files], load_json(p / LAYOUT))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {p}: tensor-parallel shards do not fit: {e}") from None
 
 
 def iter_consolidated(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -74,6 +74,17 @@ class Strategy:
         self.engine: nn.Module | None = None  # what forward is called on
         self.optimizer: torch.optim.Optimizer | None = None
 
+    # ---- data ---------------------------------------------------------------------------
+    @property
+    def data_rank(self) -> int:
+        """Which data shard this rank reads (ranks that split one model read the same)."""
+        return self.ctx.rank
+
+    @property
+    def data_world(self) -> int:
+        """Number of distinct data shards per step (the data-parallel size)."""
+        return self.ctx.world_size
+
     # ---- set-up -----------------------------------------------------------------------
     def prepare_model(self, model: nn.Module) -> nn.Module:
         _refuse_meta(model, self.name)
@@ -205,6 +216,10 @@ STRATEGIES: dict[str, type[Strategy]] = {"none": Strategy, "ddp": DDPStrategy}
 def make_strategy(
     cfg: StrategyConfig, ctx: DistContext, optim: OptimConfig | None = None
 ) -> Strategy:
+    if cfg.tp > 1:  # imported here: it pulls in parallel, which none/ddp/chunk never need
+        from colossus.tp_strategy import TPStrategy
+
+        return TPStrategy(cfg, ctx, optim)
     if cfg.name == "none" and ctx.distributed:
         raise ConfigError(
             f"strategy.name=none runs one process, but the launcher started {ctx.world_size}; "

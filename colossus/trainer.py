@@ -124,7 +124,6 @@ class Trainer:
         self.causal = not (config.model.task == "masked_lm" or model_type in ENCODER_TYPES)
 
         self.run_dir = self._resolve_run_dir()
-        set_seed(tc.seed + self.ctx.rank)  # per-rank randomness (dropout, masking) after model init
         self.strategy: Strategy = make_strategy(config.strategy, self.ctx, config.optim)
         if hasattr(self.strategy, "activation_estimate"):  # placement=auto reserves it
             from colossus.plan import activation_bytes
@@ -135,10 +134,13 @@ class Trainer:
                 config.data.block_size,
                 config.model.gradient_checkpointing,
             )
+        # per-data-rank randomness (dropout, masking) after model init; ranks that split one
+        # model (tensor parallel) share it, so their replicated activations stay identical
+        set_seed(tc.seed + self.strategy.data_rank)
         self.engine = self.strategy.prepare_model(model)
         self.model = self.strategy.model
         self.optimizer = self.strategy.build_optimizer(config.optim)
-        self.global_batch = tc.batch_size * tc.grad_accum * self.ctx.world_size
+        self.global_batch = tc.batch_size * tc.grad_accum * self.strategy.data_world
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.total_steps)
         self.step = 0
@@ -175,7 +177,7 @@ class Trainer:
         if per_epoch == 0:
             raise ConfigError(
                 f"the train set has {len(self.train_dataset)} samples, fewer than one global batch "
-                f"({tc.batch_size} x grad_accum {tc.grad_accum} x {self.ctx.world_size} ranks = {self.global_batch})"
+                f"({tc.batch_size} x grad_accum {tc.grad_accum} x {self.strategy.data_world} data-parallel ranks = {self.global_batch})"
             )
         return max(1, int(per_epoch * tc.epochs))
 
@@ -197,7 +199,8 @@ class Trainer:
         if getattr(self, "_perm_epoch", None) != epoch:
             self._perm, self._perm_epoch = self._epoch_perm(epoch), epoch
         b = self.config.train.batch_size
-        start = pos * self.global_batch + accum * b * self.ctx.world_size + self.ctx.rank * b
+        dr, dw = self.strategy.data_rank, self.strategy.data_world
+        start = pos * self.global_batch + accum * b * dw + dr * b
         idx = self._perm[start : start + b].tolist()
         return self.collator([self.train_dataset[i] for i in idx])
 
@@ -251,7 +254,7 @@ class Trainer:
                     self.strategy.record_memory(False)
                 self.scheduler.step()
                 self.step += 1
-                tokens *= self.ctx.world_size
+                tokens *= self.strategy.data_world
                 tokens_total += tokens
                 tok_log += tokens
 
@@ -353,8 +356,9 @@ class Trainer:
         self.engine.eval()
         sums = torch.zeros(2, dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.train.seed + 7919 * self.ctx.rank)
-            for i in range(self.ctx.rank, n_batches, self.ctx.world_size):
+            dr, dw = self.strategy.data_rank, self.strategy.data_world
+            torch.manual_seed(self.config.train.seed + 7919 * dr)
+            for i in range(dr, n_batches, dw):
                 batch = self._to_device(
                     self.collator([ds[j] for j in range(i * b, min(len(ds), (i + 1) * b))])
                 )
@@ -363,7 +367,7 @@ class Trainer:
                 n = _predicted_tokens(batch, self.causal)
                 sums += torch.tensor([float(loss) * n, n], dtype=torch.float64)
         if dist.is_initialized():
-            dist.all_reduce(sums)
+            dist.all_reduce(sums)  # tensor-parallel ranks add the same sums: the ratio holds
         self.engine.train(was_training)
         mean = float(sums[0] / max(sums[1], 1))
         metrics = {"eval_loss": mean, "eval_ppl": math.exp(min(mean, 50.0))}
@@ -443,7 +447,8 @@ class Trainer:
             raise err
         state = load_json(path / "trainer_state.json")
         saved = state.get("strategy", "none")
-        if (saved == "chunk") != (self.strategy.name == "chunk"):
+        fmt = {"chunk": "chunk", "tp": "tp"}  # none and ddp share one format
+        if fmt.get(saved, "full") != fmt.get(self.strategy.name, "full"):
             raise CheckpointError(
                 f"checkpoint {path} was written by strategy {saved!r}, this run uses "
                 f"{self.strategy.name!r}: their model/optimizer formats differ. Resume with "
