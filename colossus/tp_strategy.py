@@ -13,7 +13,8 @@ split parameters are summed over the tp group, replicated ones are counted once.
 Checkpoints: the ranks of data-parallel replica 0 write ``tp-rankRRRRR-of-TTTTT.safetensors``
 (model shard) and ``tp-optim-rankRRRRR-of-TTTTT.safetensors`` (AdamW state of that shard); tp
 rank 0 writes ``tp_layout.json`` (how shards rebuild each Hugging Face tensor), which
-``colossus export`` uses to write a normal ``from_pretrained`` folder. Resuming needs the same tp.
+``colossus export`` uses to write a normal ``from_pretrained`` folder (2d / 2.5d / 3d: tp rank 0
+writes the gathered ``model.safetensors`` instead). Resuming needs the same tp.
 
 Example::
 
@@ -149,9 +150,14 @@ class TPStrategy(Strategy):
         ckpt.save_module(tp_shard_name(t.tp_rank, t.tp), self.model)
         tensors, meta = optimizer_state_to_tensors(self.optimizer.state_dict())
         ckpt.save_tensors(tp_shard_name(t.tp_rank, t.tp, "optim"), tensors)
+        if t.tp_mode != "1d":  # grid shards are 2D blocks: export from the gathered model
+            full = gather_state_dict(self.model)  # collective over this tp group
+            if t.tp_rank == 0:
+                ckpt.save_tensors("model.safetensors", full)
         if t.tp_rank == 0:
             ckpt.save_json("optimizer.json", meta)
-            ckpt.save_json(LAYOUT, tp_plan(self.model).layout_json())
+            if t.tp_mode == "1d":
+                ckpt.save_json(LAYOUT, tp_plan(self.model).layout_json())
 
     def load(self, path: Path) -> None:
         files = tp_shard_files(path)

@@ -41,14 +41,18 @@ from parallel.policies.base import (
     apply_plan,
     consolidate,
     gather_state_dict,
+    make_factory,
     register_factory,
 )
 from parallel.policies.bert import BertPolicy
 from parallel.policies.gpt2 import GPT2Policy
+from parallel.policies.grid_factory import LayerFactoryGrid
 from parallel.policies.llama import LlamaPolicy
 from parallel.tensor.mappings import gather_from_tp
 
 POLICIES: dict[str, Any] = {"gpt2": GPT2Policy, "bert": BertPolicy, "llama": LlamaPolicy}
+for _mode in ("2d", "2.5d", "3d"):
+    register_factory(_mode, LayerFactoryGrid)
 
 
 def policy_for(model: nn.Module) -> Any:
@@ -69,16 +73,32 @@ def parallelize(model: nn.Module, topology: Any, gather_logits: bool = False) ->
     if getattr(model, "_colossus_tp", None) is not None:
         raise PolicyError("the model is already parallelized")
     policy = policy_for(model)
-    tp = topology.tp
-    policy.check(model, tp)
+    factory = make_factory(topology)
+    # heads (and 1D's splits) must divide by the parts a column layer's outputs are split in:
+    # tp in 1D, q in the grid modes (whose layers check their own block shapes)
+    try:
+        policy.check(model, factory.out_split)
+    except PolicyError as e:
+        if topology.tp_mode == "1d":
+            raise
+        raise PolicyError(
+            f"tp_mode={topology.tp_mode} splits heads over the grid side q={factory.out_split}, "
+            f"so 'tp' below means q: {e}"
+        ) from None
     rules = policy.rules(model)
     vocab_loss = policy.vocab_parallel_loss and not gather_logits
     if not vocab_loss:
         rules = [
             Rule(r.path, r.kind, r.parts, r.conv1d, True) if r.kind == "head" else r for r in rules
         ]
-    plan = apply_plan(model, rules, topology)
-    policy.adjust(model, tp)
+    try:
+        plan = apply_plan(model, rules, topology, factory)
+    except ValueError as e:  # a grid layer's block shape (PolicyError is a ValueError too)
+        if isinstance(e, PolicyError):
+            raise
+        raise PolicyError(f"{policy.arch} under tp={topology.tp} ({topology.tp_mode}): {e}") from e
+    policy.adjust(model, plan.factory.out_split)  # heads per rank = heads / out_split
+    plan.factory.prepare_inputs(model)
     if vocab_loss and any(r.kind == "head" for r in rules):
         model.loss_function = VocabParallelCausalLMLoss(plan.factory)
     # set through object: nn.Module would not register a plain object, but be explicit
@@ -96,6 +116,10 @@ def full_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     plan = tp_plan(model)
     if plan is None or logits.shape[-1] == model.config.vocab_size:
         return logits
+    if plan.topology.tp_mode != "1d":
+        from parallel.tensor import gather_output
+
+        return gather_output(logits, plan.topology.grid, plan.factory.head_layout)
     return gather_from_tp(logits, plan.topology.tp_group, dim=-1)
 
 

@@ -23,7 +23,7 @@ from parallel.tensor.cross_entropy_1d import vocab_parallel_cross_entropy
 from parallel.tensor.embedding_1d import VocabParallelEmbedding
 from parallel.tensor.linear_1d import ColumnParallelLinear, RowParallelLinear
 
-KINDS = ("column", "row", "embedding", "head", "norm")
+KINDS = ("column", "row", "embedding", "position", "head", "norm")
 
 
 class PolicyError(ValueError):
@@ -83,10 +83,14 @@ class LayerFactory:
     """Builds the parallel layer of each kind from the full module (interface)."""
 
     mode = "?"
+    supports_tied_embeddings = True
 
     def __init__(self, topology: Any):
         self.topology = topology
         self.tp = topology.tp
+        self.out_split = topology.tp
+        """Parts the output features of a column layer are split into (heads per rank =
+        heads / out_split)."""
 
     def column(self, linear: nn.Linear, gather_output: bool = False) -> nn.Module:
         raise NotImplementedError
@@ -102,6 +106,13 @@ class LayerFactory:
 
     def norm(self, module: nn.Module) -> nn.Module:
         return module
+
+    def position(self, emb: nn.Embedding) -> nn.Module:
+        """Position embeddings (1D: replicated, the module itself)."""
+        return emb
+
+    def prepare_inputs(self, model: nn.Module) -> None:
+        """Hook the model's inputs where the mode splits activations (1D: nothing)."""
 
     def vocab_cross_entropy(self, logits, target, ignore_index=-100, num_items=None):
         raise NotImplementedError
@@ -237,10 +248,12 @@ class TPPlan:
         }
 
 
-def apply_plan(model: nn.Module, rules: list[Rule], topology: Any) -> TPPlan:
+def apply_plan(
+    model: nn.Module, rules: list[Rule], topology: Any, factory: LayerFactory | None = None
+) -> TPPlan:
     """Swap every ruled module for its parallel layer (in place) and re-tie shared weights."""
-    factory = make_factory(topology)
-    tp = topology.tp
+    factory = factory or make_factory(topology)
+    tp = factory.out_split
     # shared parameters (GPT-2 lm_head / wte): remember who shares what before swapping
     owners: dict[int, list[tuple[str, str]]] = {}
     for mname, mod in model.named_modules(remove_duplicate=False):
@@ -264,6 +277,8 @@ def apply_plan(model: nn.Module, rules: list[Rule], topology: Any) -> TPPlan:
             new = factory.row(src)
         elif rule.kind == "embedding":
             new = factory.embedding(src)
+        elif rule.kind == "position":
+            new = factory.position(src)
         elif rule.kind == "head":
             new = factory.head(_packed(src, rule.parts, tp), gather_output=rule.gather_output)
         else:
@@ -282,6 +297,13 @@ def apply_plan(model: nn.Module, rules: list[Rule], topology: Any) -> TPPlan:
         if len(sharers) < 2 or first != next(s for s in sharers if s in swapped):
             continue
         tgt = swapped[first]
+        if not factory.supports_tied_embeddings:
+            others = ", ".join(f"{m}.{n}" for m, n in sharers if (m, n) != first)
+            raise PolicyError(
+                f"tp_mode={factory.mode}: {path}.{pname} is tied to {others}, but this mode "
+                "splits them differently; build the model with tie_word_embeddings=False "
+                "(or use tp_mode=1d)"
+            )
         for s in sharers:
             if s == first:
                 continue
@@ -306,9 +328,15 @@ def gather_state_dict(model: nn.Module, to_cpu: bool = True) -> dict[str, torch.
     gathered: dict[str, torch.Tensor] = {}
     for rule in plan.rules:
         mod = model.get_submodule(rule.path)
-        if not hasattr(mod, "full_params"):
+        if hasattr(mod, "full_params"):
+            fulls = mod.full_params()
+        elif hasattr(mod, "full_weight"):  # the grid layers (parallel.tensor, 2d / 2.5d / 3d)
+            fulls = {"weight": mod.full_weight()}
+            if getattr(mod, "bias", None) is not None:
+                fulls["bias"] = mod.full_bias()
+        else:
             continue
-        for pname, full in mod.full_params().items():
+        for pname, full in fulls.items():
             key = f"{rule.path}.{pname}"
             if key in plan.aliases:
                 continue

@@ -68,4 +68,9 @@ def gather_full(p: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tens
     info = tp_shard(like if like is not None else p)
     if info is None or info.world == 1:
         return p.detach()
+    if info.dim < 0:
+        raise ValueError(
+            "this parameter is a grid (2d / 2.5d / 3d) shard: gather it with its layer's "
+            "full_weight() / full_bias()"
+        )
     return comm.all_gather(p.detach(), dim=info.dim, group=info.group)

@@ -1,8 +1,9 @@
-"""strategy.tp: the Trainer with tensor parallelism (tp=2 x dp=2, and tp=4) on 4 gloo ranks
-gives the per-step losses and (clipped) global gradient norms of single-process training at the
-same global batch within 1e-4, on every rank; resuming from a step-5 checkpoint continues with
-the same losses; `colossus export` of the tp checkpoint is a from_pretrained folder with the
-reference model's logits; each rank holds 1/tp of every split layer. One 4-rank spawn."""
+"""strategy.tp: the Trainer with tensor parallelism (tp=2 x dp=2, tp=4, and tp_mode=2d at
+tp=4 on an untied GPT-2) on 4 gloo ranks gives the per-step losses and (clipped) global gradient
+norms of single-process training at the same global batch within 1e-4, on every rank; evaluation
+gives the same loss; resuming from a step-5 checkpoint continues with the same losses; `colossus
+export` of the tp checkpoint is a from_pretrained folder with the reference model's logits; each
+rank holds 1/tp of every split layer. One 4-rank spawn."""
 
 from __future__ import annotations
 
@@ -23,12 +24,19 @@ from parallel.tensor.sharding import tp_shard
 STEPS = 10
 
 
-def _config(run_dir: Path, batch: int, tp: int = 1, **ck) -> TrainingConfig:
+def _untied_gpt2():
+    model = tiny_gpt2()
+    model.config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    return type(model)(model.config)
+
+
+def _config(run_dir: Path, batch: int, tp: int = 1, mode: str = "1d", **ck) -> TrainingConfig:
     return TrainingConfig(
         name="tp",
         optim={"lr": 3e-3, "weight_decay": 0.01},
         schedule={"name": "cosine", "warmup_steps": 2},
-        strategy={"name": "ddp" if tp > 1 else "none", "tp": tp},
+        strategy={"name": "ddp" if tp > 1 else "none", "tp": tp, "tp_mode": mode},
         train={
             "max_steps": STEPS,
             "batch_size": batch,
@@ -60,6 +68,7 @@ def _worker(out: str):
     )
     a.train()
     res["a"] = _hist(a)
+    res["a_eval"] = a.evaluate(token_blocks(16, seed=9))["eval_loss"]
     res["a_dims"] = (a.strategy.data_rank, a.strategy.data_world, a.global_batch)
     split = [p for p in a.model.parameters() if tp_shard(p) is not None]
     res["a_split_ratio"] = sum(p.numel() for p in split) / sum(
@@ -76,6 +85,13 @@ def _worker(out: str):
     )
     c.train()
     res["c"] = _hist(c)
+    d = Trainer(  # 2d (Optimus) grid layers, q=2, through the same strategy
+        _untied_gpt2(),
+        _config(out / "d", batch=4, tp=4, mode="2d"),
+        train_dataset=token_blocks(),
+    )
+    d.train()
+    res["d"] = _hist(d)
     return res
 
 
@@ -84,12 +100,19 @@ def test_tp_trainer_matches_single_process(tmp_path):
     ref = Trainer(tiny_gpt2(), _config(tmp_path / "ref", batch=4), train_dataset=token_blocks())
     ref.train()
     want = _hist(ref)
+    want_eval = ref.evaluate(token_blocks(16, seed=9))["eval_loss"]
+    ref_d = Trainer(_untied_gpt2(), _config(tmp_path / "rd", batch=4), train_dataset=token_blocks())
+    ref_d.train()
+    want_d = _hist(ref_d)
     res = spawn(_worker, 4, tmp_path / "spawn", str(tmp_path / "spawn"))
     for rank, got in enumerate(res):
         for run in ("a", "b"):
             assert got[run]["loss"] == pytest.approx(want["loss"], abs=1e-4), (rank, run)
             assert got[run]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (rank, run)
         assert got["c"]["loss"] == pytest.approx(want["loss"][5:], abs=1e-4), rank
+        assert got["d"]["loss"] == pytest.approx(want_d["loss"], abs=1e-4), rank
+        assert got["d"]["grad_norm"] == pytest.approx(want_d["grad_norm"], rel=1e-4), rank
+        assert got["a_eval"] == pytest.approx(want_eval, abs=1e-4), rank
         assert got["a_dims"] == (rank // 2, 2, 4)
         assert got["a_split_ratio"] == 0.5
         assert got["a_full_keys"] == sorted(ref.model.state_dict())

@@ -178,7 +178,7 @@ def test_policies_match_single_process(tmp_path):
         assert b["grad_diff"] < 1e-5 and b["n_grads"] > 20, b
         assert b["mem_ratio"] == 0.5 and b["tied"], b
         assert r["gpt2_tied"] and r["gpt2_heads"] == 2
-        assert r["plan_rules"] == 2 * 4 + 2  # 4 per block + wte + lm_head
+        assert r["plan_rules"] == 2 * 6 + 4  # 6 per block + wte, wpe, ln_f, lm_head
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,145 @@
+"""Layer factory of the 2d (Optimus), 2.5d (Tesseract) and 3d tensor-parallel modes for the
+Hugging Face policies, on the grid layers of :mod:`parallel.tensor` (``make_linear``, ...).
+
+Unlike 1D, a grid mode splits the activations too: the batch over the layout's row axes and the
+hidden dimension over its hidden axis (``q`` parts). So the model's inputs are split by batch
+rows before its forward (a pre-hook on the top module: ``input_ids`` / masks in layout ``"a"``,
+``labels`` in the LM head's output layout), every layer on the residual stream is a grid layer
+(embeddings, layer norms, linears; nothing stays replicated), the attention modules see
+``n_heads / q`` whole heads of their batch rows, and the loss is the grid's vocabulary-parallel
+cross-entropy (the mean over the whole tensor-parallel group's tokens, as in 1D).
+
+In 3d a linear layer maps layout ``"a"`` to ``"b"``: "column" kinds (QKV, fc) take layout
+``"a"``, "row" kinds (attention output, fc2) take ``"b"`` and return to ``"a"``.
+
+Limits (each refused with a clear error): tied input / output embeddings (the embedding splits
+the hidden dimension, the head the vocabulary: they cannot share one shard), heads that must
+return full logits, RMSNorm, and (3d) padding masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from parallel.policies.base import KeyLayout, LayerFactory, PolicyError, Rule
+from parallel.tensor.sharding import mark_sharded
+
+_LAYOUT_KWARGS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+class LayerFactoryGrid(LayerFactory):
+    """Grid layers for ``topology.tp_mode`` in 2d / 2.5d / 3d."""
+
+    supports_tied_embeddings = False
+
+    def __init__(self, topology: Any):
+        super().__init__(topology)
+        if topology.grid is None:
+            raise PolicyError(
+                f"tp_mode={topology.tp_mode} needs the topology's grid (torch.distributed up)"
+            )
+        self.grid = topology.grid
+        self.mode = self.grid.mode
+        self.row_layout = "b" if self.mode == "3d" else "a"
+        self.out_split = self.grid.q  # the hidden axis of every layout has q ranks
+        self.head_layout = "a"
+
+    def _marked(self, new: nn.Module, full: nn.Module) -> nn.Module:
+        # each parameter holds 1/replicas-th of its full tensor's elements; the global norm
+        # weighs its square by 1/replicas (parallel.tensor.sharding.TPShard)
+        tp = self.tp
+        for name, p in new.named_parameters(recurse=False):
+            f = getattr(full, name)
+            replicas = max(1, tp * p.numel() // f.numel())
+            mark_sharded(p, tuple(f.shape), -1, self.topology.tp_group, 0, tp, replicas)
+        return new
+
+    def column(self, linear, gather_output=False):
+        from parallel.tensor import make_linear
+
+        if gather_output:
+            raise NotImplementedError(
+                f"tp_mode={self.mode}: a layer that must return full outputs (gather_output)"
+            )
+        return self._marked(make_linear(self.grid, linear, "a"), linear)
+
+    def row(self, linear):
+        from parallel.tensor import make_linear
+
+        return self._marked(make_linear(self.grid, linear, self.row_layout), linear)
+
+    def embedding(self, emb):
+        from parallel.tensor import make_embedding
+
+        return self._marked(make_embedding(self.grid, emb, "a"), emb)
+
+    def position(self, emb):
+        return self.embedding(emb)  # ids [1, S] broadcast over the batch rows
+
+    def head(self, linear, gather_output):
+        from parallel.tensor import make_head
+
+        if gather_output:
+            raise NotImplementedError(
+                f"tp_mode={self.mode}: this model's own loss needs the full logits; only "
+                "heads with a vocabulary-parallel loss (GPT-2) are supported"
+            )
+        m = make_head(self.grid, linear, "a")
+        self.head_layout = m.output_layout_name
+        return self._marked(m, linear)
+
+    def norm(self, module):
+        from parallel.tensor import make_layernorm
+
+        if not isinstance(module, nn.LayerNorm):
+            raise NotImplementedError(
+                f"tp_mode={self.mode}: no grid layer for {type(module).__name__} (LayerNorm only)"
+            )
+        return self._marked(make_layernorm(self.grid, module, "a"), module)
+
+    def vocab_cross_entropy(self, logits, target, ignore_index=-100, num_items=None):
+        from parallel.tensor import cross_entropy
+
+        if num_items is not None:
+            raise NotImplementedError(f"tp_mode={self.mode}: num_items_in_batch")
+        return cross_entropy(logits, target, self.grid, self.head_layout, ignore_index)
+
+    def layouts(self, rule: Rule, module: nn.Module) -> dict[str, KeyLayout]:
+        # dim -1: rebuilt in memory by the layer (full_weight), not by concatenating files
+        if rule.kind in ("column", "head", "row") and (rule.parts > 1 or rule.conv1d):
+            out = {"weight": KeyLayout(-1, self.out_split, rule.parts, rule.conv1d)}
+            if getattr(module, "bias", None) is not None:
+                out["bias"] = KeyLayout(-1, self.out_split, rule.parts)
+            return out
+        return {}
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def prepare_inputs(self, model: nn.Module) -> None:
+        from parallel.tensor import split_input
+
+        grid, head_layout, mode = self.grid, self, self.mode
+
+        def split(_mod, args, kwargs):
+            kwargs = dict(kwargs)
+            if args:  # positional input_ids
+                kwargs["input_ids"], args = args[0], args[1:]
+            if mode == "3d" and kwargs.get("attention_mask") is not None:
+                if not bool(kwargs["attention_mask"].all()):
+                    raise NotImplementedError(
+                        "tp_mode=3d: padding attention masks (attention runs on the other "
+                        "layout's batch rows); pack sequences without padding"
+                    )
+            for k in _LAYOUT_KWARGS:
+                v = kwargs.get(k)
+                if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] > 1:
+                    kwargs[k] = split_input(v, grid, "a", hidden=False)
+            if torch.is_tensor(kwargs.get("labels")):
+                kwargs["labels"] = split_input(
+                    kwargs["labels"], grid, head_layout.head_layout, hidden=False
+                )
+            return args, kwargs
+
+        model.register_forward_pre_hook(split, with_kwargs=True)
