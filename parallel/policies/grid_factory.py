@@ -14,7 +14,8 @@ In 3d a linear layer maps layout ``"a"`` to ``"b"``: "column" kinds (QKV, fc) ta
 
 Limits (each refused with a clear error): tied input / output embeddings (the embedding splits
 the hidden dimension, the head the vocabulary: they cannot share one shard), heads that must
-return full logits, RMSNorm, and (3d) padding masks.
+return full logits (BERT's MLM loss), norms other than LayerNorm / RMSNorm, and (3d) padding
+masks.
 """
 
 from __future__ import annotations
@@ -94,11 +95,11 @@ class LayerFactoryGrid(LayerFactory):
     def norm(self, module):
         from parallel.tensor import make_layernorm
 
-        if not isinstance(module, nn.LayerNorm):
-            raise NotImplementedError(
-                f"tp_mode={self.mode}: no grid layer for {type(module).__name__} (LayerNorm only)"
-            )
-        return self._marked(make_layernorm(self.grid, module, "a"), module)
+        try:  # LayerNorm or RMSNorm (nn.RMSNorm, LlamaRMSNorm)
+            grid_norm = make_layernorm(self.grid, module, "a")
+        except TypeError as e:
+            raise NotImplementedError(f"tp_mode={self.mode}: {e}") from None
+        return self._marked(grid_norm, module)
 
     def vocab_cross_entropy(self, logits, target, ignore_index=-100, num_items=None):
         from parallel.tensor import cross_entropy

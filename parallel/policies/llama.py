@@ -5,7 +5,8 @@ Per layer: ``self_attn.{q,k,v}_proj`` are column-parallel: rank ``r`` holds quer
 use exactly its key/value heads: both counts must be divisible by tp); ``o_proj`` is row-parallel;
 ``mlp.{gate,up}_proj`` column, ``down_proj`` row. ``embed_tokens`` is vocabulary-parallel and
 ``lm_head`` a vocabulary-parallel head whose logits stay split (vocabulary-parallel loss).
-RMSNorms and the rotary embedding are replicated (rotary acts per head, so it is local).
+RMSNorms are replicated in 1D (grid RMSNorms in 2d / 2.5d / 3d, where heads split over the
+grid side q instead of tp); the rotary embedding stays local (it acts per head).
 The attention modules need no change: they infer the head count from the projections' shapes
 and ``num_key_value_groups`` (heads per kv head) is the same on every rank.
 """
@@ -35,13 +36,22 @@ class LlamaPolicy:
         )
 
     def rules(self, model: nn.Module) -> list[Rule]:
-        from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaModel
+        from transformers.models.llama.modeling_llama import (
+            LlamaAttention,
+            LlamaDecoderLayer,
+            LlamaMLP,
+            LlamaModel,
+        )
 
         rules = []
         for name, mod in model.named_modules():
             p = f"{name}." if name else ""
             if isinstance(mod, LlamaModel):
                 rules.append(Rule(f"{p}embed_tokens", "embedding"))
+                rules.append(Rule(f"{p}norm", "norm"))
+            elif isinstance(mod, LlamaDecoderLayer):
+                rules.append(Rule(f"{p}input_layernorm", "norm"))
+                rules.append(Rule(f"{p}post_attention_layernorm", "norm"))
             elif isinstance(mod, LlamaAttention):
                 for proj in ("q_proj", "k_proj", "v_proj"):
                     rules.append(Rule(f"{p}{proj}", "column"))

@@ -1,7 +1,8 @@
-"""The GPT-2 policy on the 2d / 2.5d / 3d grid layers (parallel.tensor): a tiny GPT-2 (untied
-embeddings) trained 4 AdamW steps under tp_mode=2d (tp=4), 2.5d (tp=8, depth 2) and 3d (tp=8)
-gives the single-process losses within 1e-4 on every rank, and gather_state_dict rebuilds the
-trained Hugging Face state dict; tied embeddings are refused with a fix. One 8-rank spawn."""
+"""The GPT-2 and Llama policies on the 2d / 2.5d / 3d grid layers (parallel.tensor): a tiny
+GPT-2 (untied embeddings) trained 4 AdamW steps under tp_mode=2d (tp=4), 2.5d (tp=8, depth 2)
+and 3d (tp=8), and a tiny Llama (GQA, RMSNorm) under 3d, give the single-process losses within
+1e-4 on every rank, and gather_state_dict rebuilds the trained Hugging Face state dict; tied
+embeddings are refused with a fix. One 8-rank spawn."""
 
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ def _gpt2(tie: bool = False):
     return GPT2LMHeadModel(cfg)
 
 
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                      max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=None, tie_word_embeddings=False)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
 def _train(model, batches):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     losses = []
@@ -38,9 +49,9 @@ def _train(model, batches):
     return losses
 
 
-def _case(mode, tp, depth=1):
+def _case(mode, tp, depth=1, build=_gpt2):
     torch.manual_seed(0)
-    model = _gpt2()
+    model = build()
     ref = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, VOCAB, (8, SEQ), generator=g) for _ in range(STEPS)]
@@ -68,6 +79,7 @@ def _case(mode, tp, depth=1):
 def _worker():
     # 2d at tp=4 runs as two independent dp replicas of the 8 ranks (same batches, no sync)
     res = {"2d": _case("2d", 4), "2.5d": _case("2.5d", 8, depth=2), "3d": _case("3d", 8)}
+    res["llama-3d"] = _case("3d", 8, build=_llama)  # RMSNorm, GQA (2 kv heads over q=2)
     try:
         parallelize(_gpt2(tie=True), Topology.from_world(tp=8, tp_mode="3d"))
     except PolicyError as e:
@@ -79,7 +91,7 @@ def _worker():
 def test_grid_modes_match_single_process(tmp_path):
     res = spawn(_worker, 8, tmp_path)
     for rank, r in enumerate(res):
-        for mode, tp in (("2d", 4), ("2.5d", 8), ("3d", 8)):
+        for mode, tp in (("2d", 4), ("2.5d", 8), ("3d", 8), ("llama-3d", 8)):
             c = r[mode]
             assert c["loss_diff"] < 1e-4 and c["logits_diff"] < 1e-4, (rank, mode, c)
             assert c["keys"] and c["sd_diff"] < 1e-4, (rank, mode, c)
