@@ -23,7 +23,7 @@ from parallel.tensor.cross_entropy_1d import vocab_parallel_cross_entropy
 from parallel.tensor.embedding_1d import VocabParallelEmbedding
 from parallel.tensor.linear_1d import ColumnParallelLinear, RowParallelLinear
 
-KINDS = ("column", "row", "embedding", "position", "head", "norm")
+KINDS = ("column", "row", "embedding", "position", "dense", "head", "norm")
 
 
 class PolicyError(ValueError):
@@ -110,6 +110,11 @@ class LayerFactory:
     def position(self, emb: nn.Embedding) -> nn.Module:
         """Position embeddings (1D: replicated, the module itself)."""
         return emb
+
+    def dense(self, linear: nn.Linear) -> nn.Module:
+        """A hidden -> hidden linear outside the column/row pairs (BERT's MLM transform) that
+        must return the residual stream's layout (1D: replicated, the module itself)."""
+        return linear
 
     def prepare_inputs(self, model: nn.Module) -> None:
         """Hook the model's inputs where the mode splits activations (1D: nothing)."""
@@ -279,6 +284,8 @@ def apply_plan(
             new = factory.embedding(src)
         elif rule.kind == "position":
             new = factory.position(src)
+        elif rule.kind == "dense":
+            new = factory.dense(src)
         elif rule.kind == "head":
             new = factory.head(_packed(src, rule.parts, tp), gather_output=rule.gather_output)
         else:
@@ -297,8 +304,9 @@ def apply_plan(
         if len(sharers) < 2 or first != next(s for s in sharers if s in swapped):
             continue
         tgt = swapped[first]
-        if not factory.supports_tied_embeddings:
-            others = ", ".join(f"{m}.{n}" for m, n in sharers if (m, n) != first)
+        swapped_sharers = [s for s in sharers if s in swapped and s != first]
+        if swapped_sharers and not factory.supports_tied_embeddings:
+            others = ", ".join(f"{m}.{n}" for m, n in swapped_sharers)
             raise PolicyError(
                 f"tp_mode={factory.mode}: {path}.{pname} is tied to {others}, but this mode "
                 "splits them differently; build the model with tie_word_embeddings=False "

@@ -3,7 +3,8 @@
 Per layer: ``attention.self.{query,key,value}`` are column-parallel (whole heads per rank),
 ``attention.output.dense`` row-parallel; ``intermediate.dense`` column, ``output.dense`` row.
 ``embeddings.word_embeddings`` is vocabulary-parallel; position / token-type embeddings, layer
-norms, the pooler and the MLM transform are replicated. The MLM decoder (tied to the word
+norms, the pooler and the MLM transform are replicated (1D; in 2d / 2.5d they are grid layers,
+with untied input / output embeddings; 3d is refused). The MLM decoder (tied to the word
 embeddings, with its bias tied to ``cls.predictions.bias``) is a vocabulary-parallel head that
 GATHERS its logits: ``BertForMaskedLM.forward`` computes ``CrossEntropyLoss`` on
 ``prediction_scores.view(-1, vocab_size)`` itself, so it needs the full logits.
@@ -41,6 +42,7 @@ class BertPolicy:
             BertIntermediate,
             BertLMPredictionHead,
             BertOutput,
+            BertPredictionHeadTransform,
         )
 
         rules = []
@@ -48,14 +50,22 @@ class BertPolicy:
             p = f"{name}." if name else ""
             if isinstance(mod, BertEmbeddings):
                 rules.append(Rule(f"{p}word_embeddings", "embedding"))
+                rules.append(Rule(f"{p}position_embeddings", "position"))
+                rules.append(Rule(f"{p}token_type_embeddings", "position"))
+                rules.append(Rule(f"{p}LayerNorm", "norm"))
             elif isinstance(mod, BertAttention):
                 for proj in ("query", "key", "value"):
                     rules.append(Rule(f"{p}self.{proj}", "column"))
                 rules.append(Rule(f"{p}output.dense", "row"))
+                rules.append(Rule(f"{p}output.LayerNorm", "norm"))
             elif isinstance(mod, BertIntermediate):
                 rules.append(Rule(f"{p}dense", "column"))
             elif isinstance(mod, BertOutput):
                 rules.append(Rule(f"{p}dense", "row"))
+                rules.append(Rule(f"{p}LayerNorm", "norm"))
+            elif isinstance(mod, BertPredictionHeadTransform):
+                rules.append(Rule(f"{p}dense", "dense"))
+                rules.append(Rule(f"{p}LayerNorm", "norm"))
             elif isinstance(mod, BertLMPredictionHead):
                 rules.append(Rule(f"{p}decoder", "head", gather_output=True))
         return rules

@@ -14,8 +14,9 @@ In 3d a linear layer maps layout ``"a"`` to ``"b"``: "column" kinds (QKV, fc) ta
 
 Limits (each refused with a clear error): tied input / output embeddings (the embedding splits
 the hidden dimension, the head the vocabulary: they cannot share one shard), heads that must
-return full logits (BERT's MLM loss), norms other than LayerNorm / RMSNorm, and (3d) padding
-masks.
+return full logits in 3d (BERT), norms other than LayerNorm / RMSNorm, and (3d) padding masks.
+BERT (2d / 2.5d) keeps its own loss: its MLM head gathers the logits (differentiably) and the
+labels stay whole.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class LayerFactoryGrid(LayerFactory):
         self.row_layout = "b" if self.mode == "3d" else "a"
         self.out_split = self.grid.q  # the hidden axis of every layout has q ranks
         self.head_layout = "a"
+        self.split_labels = True  # False when the head gathers full logits for the loss
 
     def _marked(self, new: nn.Module, full: nn.Module) -> nn.Module:
         # each parameter holds 1/replicas-th of its full tensor's elements; the global norm
@@ -80,16 +82,28 @@ class LayerFactoryGrid(LayerFactory):
     def position(self, emb):
         return self.embedding(emb)  # ids [1, S] broadcast over the batch rows
 
+    def dense(self, linear):
+        from parallel.tensor import make_linear
+
+        if self.mode == "3d":  # its output would be in layout "b", off the residual stream
+            raise NotImplementedError(
+                "tp_mode=3d: a hidden -> hidden dense outside the column/row pairs (BERT's MLM "
+                "transform); use 2d or 2.5d"
+            )
+        return self._marked(make_linear(self.grid, linear, "a"), linear)
+
     def head(self, linear, gather_output):
+        from parallel.tensor import gather_output as gather
         from parallel.tensor import make_head
 
-        if gather_output:
-            raise NotImplementedError(
-                f"tp_mode={self.mode}: this model's own loss needs the full logits; only "
-                "heads with a vocabulary-parallel loss (GPT-2) are supported"
-            )
         m = make_head(self.grid, linear, "a")
         self.head_layout = m.output_layout_name
+        if gather_output:  # the model's own loss needs the full logits (BERT's MLM loss)
+            self.split_labels = False
+            grid, lay = self.grid, m.output_layout_name
+            # differentiable: every rank computes the same loss from the full logits and the
+            # backward keeps this rank's block (parallel.tensor.grid_ops.gather_output)
+            m.register_forward_hook(lambda _m, _inp, out: gather(out, grid, lay))
         return self._marked(m, linear)
 
     def norm(self, module):
@@ -121,7 +135,7 @@ class LayerFactoryGrid(LayerFactory):
     def prepare_inputs(self, model: nn.Module) -> None:
         from parallel.tensor import split_input
 
-        grid, head_layout, mode = self.grid, self, self.mode
+        grid, factory, mode = self.grid, self, self.mode
 
         def split(_mod, args, kwargs):
             kwargs = dict(kwargs)
@@ -137,9 +151,9 @@ class LayerFactoryGrid(LayerFactory):
                 v = kwargs.get(k)
                 if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] > 1:
                     kwargs[k] = split_input(v, grid, "a", hidden=False)
-            if torch.is_tensor(kwargs.get("labels")):
+            if torch.is_tensor(kwargs.get("labels")) and factory.split_labels:
                 kwargs["labels"] = split_input(
-                    kwargs["labels"], grid, head_layout.head_layout, hidden=False
+                    kwargs["labels"], grid, factory.head_layout, hidden=False
                 )
             return args, kwargs
 

@@ -1,8 +1,8 @@
 """The GPT-2 and Llama policies on the 2d / 2.5d / 3d grid layers (parallel.tensor): a tiny
 GPT-2 (untied embeddings) trained 4 AdamW steps under tp_mode=2d (tp=4), 2.5d (tp=8, depth 2)
-and 3d (tp=8), and a tiny Llama (GQA, RMSNorm) under 3d, give the single-process losses within
-1e-4 on every rank, and gather_state_dict rebuilds the trained Hugging Face state dict; tied
-embeddings are refused with a fix. One 8-rank spawn."""
+and 3d (tp=8), a tiny Llama (GQA, RMSNorm) under 3d and a BERT masked LM under 2d and 2.5d give
+the single-process losses within 1e-4 on every rank, and gather_state_dict rebuilds the trained Hugging Face state dict; tied
+embeddings (and BERT under 3d) are refused with a fix. One 8-rank spawn."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from spawn_helpers import spawn
 
 from parallel.policies import PolicyError, full_logits, gather_state_dict, parallelize
+from parallel.tensor.sharding import tp_shard
 from parallel.topology import Topology
 
 VOCAB, SEQ, STEPS = 128, 16, 4
@@ -37,6 +38,16 @@ def _llama():
     return LlamaForCausalLM(cfg)
 
 
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=32,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     tie_word_embeddings=False)  # fmt: skip
+    return BertForMaskedLM(cfg)
+
+
 def _train(model, batches):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     losses = []
@@ -58,7 +69,11 @@ def _case(mode, tp, depth=1, build=_gpt2):
     want = _train(ref, batches)
     topo = Topology.from_world(tp=tp, tp_mode=mode, tp_depth=depth)
     parallelize(model, topo)
-    n_local = sum(p.numel() for p in model.parameters())
+    split = [p for p in model.parameters() if tp_shard(p) is not None]
+    n_local = sum(p.numel() for p in split)
+    n_full = sum(torch.Size(tp_shard(p).full_shape).numel() for p in split)
+    # BERT's untied cls.predictions.bias is a parameter its forward never uses: left whole
+    whole = [n for n, p in model.named_parameters() if tp_shard(p) is None]
     got = _train(model, batches)
     with torch.no_grad():
         ids = batches[0]
@@ -70,9 +85,12 @@ def _case(mode, tp, depth=1, build=_gpt2):
         "logits_diff": logits_diff,
         "keys": set(sd) == set(ref_sd),
         "sd_diff": max(
-            float((sd[k] - ref_sd[k]).abs().max()) for k in ref_sd if "c_attn.bias" not in k
+            float((sd[k] - ref_sd[k]).abs().max())
+            for k in ref_sd
+            if "c_attn.bias" not in k and "key.bias" not in k
         ),
-        "mem_ratio": n_local / sum(p.numel() for p in ref.parameters()),
+        "mem_ratio": n_local / n_full,
+        "whole": whole,
     }
 
 
@@ -80,6 +98,12 @@ def _worker():
     # 2d at tp=4 runs as two independent dp replicas of the 8 ranks (same batches, no sync)
     res = {"2d": _case("2d", 4), "2.5d": _case("2.5d", 8, depth=2), "3d": _case("3d", 8)}
     res["llama-3d"] = _case("3d", 8, build=_llama)  # RMSNorm, GQA (2 kv heads over q=2)
+    res["bert-2d"] = _case("2d", 4, build=_bert)  # gathered MLM logits, the model's own loss
+    res["bert-2.5d"] = _case("2.5d", 8, depth=2, build=_bert)
+    try:
+        parallelize(_bert(), Topology.from_world(tp=8, tp_mode="3d"))
+    except NotImplementedError as e:
+        res["bert_3d_error"] = str(e)
     try:
         parallelize(_gpt2(tie=True), Topology.from_world(tp=8, tp_mode="3d"))
     except PolicyError as e:
@@ -91,9 +115,12 @@ def _worker():
 def test_grid_modes_match_single_process(tmp_path):
     res = spawn(_worker, 8, tmp_path)
     for rank, r in enumerate(res):
-        for mode, tp in (("2d", 4), ("2.5d", 8), ("3d", 8), ("llama-3d", 8)):
+        cases = ("2d", 4), ("2.5d", 8), ("3d", 8), ("llama-3d", 8), ("bert-2d", 4), ("bert-2.5d", 8)
+        for mode, tp in cases:
             c = r[mode]
             assert c["loss_diff"] < 1e-4 and c["logits_diff"] < 1e-4, (rank, mode, c)
             assert c["keys"] and c["sd_diff"] < 1e-4, (rank, mode, c)
             assert abs(c["mem_ratio"] - 1 / tp) < 1e-9, (rank, mode, c)
+            assert c["whole"] == (["cls.predictions.bias"] if "bert" in mode else []), c
         assert "tie_word_embeddings=False" in r["tied_error"], r.get("tied_error")
+        assert "use 2d or 2.5d" in r["bert_3d_error"], r.get("bert_3d_error")
