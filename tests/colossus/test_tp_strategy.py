@@ -1,9 +1,9 @@
-"""strategy.tp: the Trainer with tensor parallelism (tp=2 x dp=2, tp=4, and tp_mode=2d at
-tp=4 on an untied GPT-2) on 4 gloo ranks gives the per-step losses and (clipped) global gradient
-norms of single-process training at the same global batch within 1e-4, on every rank; evaluation
-gives the same loss; resuming from a step-5 checkpoint continues with the same losses; `colossus
-export` of the tp checkpoint is a from_pretrained folder with the reference model's logits; each
-rank holds 1/tp of every split layer. One 4-rank spawn."""
+"""strategy.tp: the Trainer with tensor parallelism (tp=2 x dp=2 with 2 accumulation steps,
+tp=4, and tp_mode=2d at tp=4 on an untied GPT-2) on 4 gloo ranks gives the per-step losses and
+(clipped) global gradient norms of single-process training at the same global batch within 1e-4,
+on every rank; evaluation gives the same loss; resuming from a step-5 checkpoint continues with
+the same losses; `colossus export` of the tp checkpoint is a from_pretrained folder with the
+reference model's logits; each rank holds 1/tp of every split layer. One 4-rank spawn."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def _untied_gpt2():
     return type(model)(model.config)
 
 
-def _config(run_dir: Path, batch: int, tp: int = 1, mode: str = "1d", **ck) -> TrainingConfig:
+def _config(
+    run_dir: Path, batch: int, tp: int = 1, mode: str = "1d", accum: int = 1, **ck
+) -> TrainingConfig:
     return TrainingConfig(
         name="tp",
         optim={"lr": 3e-3, "weight_decay": 0.01},
@@ -40,6 +42,7 @@ def _config(run_dir: Path, batch: int, tp: int = 1, mode: str = "1d", **ck) -> T
         train={
             "max_steps": STEPS,
             "batch_size": batch,
+            "grad_accum": accum,
             "max_grad_norm": 0.5,  # small enough that most steps are clipped
             "run_dir": str(run_dir),
             "seed": 0,
@@ -63,7 +66,7 @@ def _worker(out: str):
     res = {}
     a = Trainer(
         tiny_gpt2(),
-        _config(out / "a", batch=2, tp=2, interval=5),
+        _config(out / "a", batch=1, accum=2, tp=2, interval=5),  # DDP no_sync on micro-step 1
         train_dataset=token_blocks(),
     )
     a.train()
@@ -80,7 +83,9 @@ def _worker(out: str):
     res["b"] = _hist(b)
     c = Trainer(
         tiny_gpt2(seed=5),  # other weights: everything must come from the checkpoint
-        _config(out / "c", batch=2, tp=2, resume_from=str(out / "a/checkpoints/step-00000005")),
+        _config(
+            out / "c", batch=1, accum=2, tp=2, resume_from=str(out / "a/checkpoints/step-00000005")
+        ),
         train_dataset=token_blocks(),
     )
     c.train()
