@@ -7,7 +7,8 @@ only with its replicas in the other dp groups).
 
 Every rank of a tensor-parallel group reads the same batch (``data_rank`` = dp rank) and uses
 the same RNG stream (dropout in replicated regions must agree). AdamW runs on the local shards
-(elementwise, so it equals AdamW on the full model); clipping uses the global norm: squares of
+(elementwise, so it equals AdamW on the full model); LAMB / LARS get whole-parameter norms for
+their trust ratios from ``colossus.optim.ShardedNormReducer`` over the tp group; clipping uses the global norm: squares of
 split parameters are summed over the tp group, replicated ones are counted once.
 
 Checkpoints: the ranks of data-parallel replica 0 write ``tp-rankRRRRR-of-TTTTT.safetensors``
@@ -108,6 +109,15 @@ class TPStrategy(Strategy):
         else:
             self.engine = model
         return self.engine
+
+    def build_optimizer(self, cfg):
+        from colossus.optim import ShardedNormReducer, build_optimizer
+
+        # LAMB / LARS trust ratios need whole-parameter norms: partial squares of split
+        # parameters are summed over the tp group (param.tp_shard), replicated ones counted once
+        reducer = None if cfg.name == "adamw" else ShardedNormReducer(group=self.topo.tp_group)
+        self.optimizer = build_optimizer(self.model, cfg, self.ctx.device, norm_reducer=reducer)
+        return self.optimizer
 
     def no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
         if sync or not isinstance(self.engine, DistributedDataParallel):

@@ -1,7 +1,7 @@
 """strategy.tp: the Trainer with tensor parallelism (tp=2 x dp=2 with 2 accumulation steps,
 tp=4, and tp_mode=2d at tp=4 on an untied GPT-2) on 4 gloo ranks gives the per-step losses and
 (clipped) global gradient norms of single-process training at the same global batch within 1e-4,
-on every rank; evaluation gives the same loss; resuming from a step-5 checkpoint continues with
+on every rank (LAMB at tp=4 too); evaluation gives the same loss; resuming from a step-5 checkpoint continues with
 the same losses; `colossus export` of the tp checkpoint is a from_pretrained folder with the
 reference model's logits; each rank holds 1/tp of every split layer. One 4-rank spawn."""
 
@@ -32,11 +32,11 @@ def _untied_gpt2():
 
 
 def _config(
-    run_dir: Path, batch: int, tp: int = 1, mode: str = "1d", accum: int = 1, **ck
+    run_dir: Path, batch: int, tp: int = 1, mode: str = "1d", accum: int = 1, optim="adamw", **ck
 ) -> TrainingConfig:
     return TrainingConfig(
         name="tp",
-        optim={"lr": 3e-3, "weight_decay": 0.01},
+        optim={"name": optim, "lr": 3e-3, "weight_decay": 0.01},
         schedule={"name": "cosine", "warmup_steps": 2},
         strategy={"name": "ddp" if tp > 1 else "none", "tp": tp, "tp_mode": mode},
         train={
@@ -97,6 +97,11 @@ def _worker(out: str):
     )
     d.train()
     res["d"] = _hist(d)
+    e = Trainer(  # LAMB: trust ratios from whole-parameter norms (summed over the tp group)
+        tiny_gpt2(), _config(out / "e", batch=4, tp=4, optim="lamb"), train_dataset=token_blocks()
+    )
+    e.train()
+    res["e"] = _hist(e)
     return res
 
 
@@ -109,6 +114,11 @@ def test_tp_trainer_matches_single_process(tmp_path):
     ref_d = Trainer(_untied_gpt2(), _config(tmp_path / "rd", batch=4), train_dataset=token_blocks())
     ref_d.train()
     want_d = _hist(ref_d)
+    ref_e = Trainer(
+        tiny_gpt2(), _config(tmp_path / "re", batch=4, optim="lamb"), train_dataset=token_blocks()
+    )
+    ref_e.train()
+    want_e = _hist(ref_e)
     res = spawn(_worker, 4, tmp_path / "spawn", str(tmp_path / "spawn"))
     for rank, got in enumerate(res):
         for run in ("a", "b"):
@@ -117,6 +127,7 @@ def test_tp_trainer_matches_single_process(tmp_path):
         assert got["c"]["loss"] == pytest.approx(want["loss"][5:], abs=1e-4), rank
         assert got["d"]["loss"] == pytest.approx(want_d["loss"], abs=1e-4), rank
         assert got["d"]["grad_norm"] == pytest.approx(want_d["grad_norm"], rel=1e-4), rank
+        assert got["e"]["loss"] == pytest.approx(want_e["loss"], abs=1e-4), rank
         assert got["a_eval"] == pytest.approx(want_eval, abs=1e-4), rank
         assert got["a_dims"] == (rank // 2, 2, 4)
         assert got["a_split_ratio"] == 0.5
