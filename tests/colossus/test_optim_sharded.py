@@ -7,7 +7,8 @@
 * tensor parallelism by hand: a Linear weight and its bias row-split over 2 ranks (1D) and a
   weight split in 2 x 2 blocks over 4 ranks (2D), replicated LayerNorm gains beside them,
   ``ShardedNormReducer`` over the group: same parameters as one process, one counted
-  all-reduce per step (``parallel.comm`` statistics).
+  all-reduce per step (``parallel.comm`` statistics); and ``parallel``'s own 1D layers
+  (column- then row-parallel Linear) on 2 ranks against ``nn.Linear`` in one process.
 
 One spawn per world size runs every case."""
 
@@ -168,10 +169,54 @@ def tp_case(kind: str) -> dict:
     return {"err": err, "calls": calls, "steps": len(grads), "moved": moved}
 
 
+def tp_layers_case(kind: str) -> dict:
+    """``parallel``'s own 1D layers (column-parallel fc, row-parallel proj: they mark their
+    split parameters) around a replicated LayerNorm, trained with ``ShardedNormReducer``."""
+    from parallel import comm
+    from parallel.tensor.linear_1d import ColumnParallelLinear, RowParallelLinear
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(
+        torch.nn.LayerNorm(8), torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)
+    )
+    tp = torch.nn.Sequential(
+        torch.nn.LayerNorm(8),
+        ColumnParallelLinear.from_linear(ref[1], group=None),
+        torch.nn.GELU(),
+        RowParallelLinear.from_linear(ref[3], group=None),
+    )
+    tp[0].load_state_dict(ref[0].state_dict())
+    if kind == "lamb":
+        kw = {"lr": 0.02, "weight_decay": 0.01}
+    else:
+        kw = {"lr": 0.5, "weight_decay": 0.01, "momentum": 0.9, "trust_coefficient": 0.05}
+    cls = Lamb if kind == "lamb" else Lars
+    ropt = cls(param_groups(ref, 0.01), **kw)
+    topt = cls(param_groups(tp, 0.01), norm_reducer=ShardedNormReducer(None), **kw)
+    g = torch.Generator().manual_seed(3)
+    calls = []
+    for _ in range(10):
+        x, y = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+        for model, opt in ((ref, ropt), (tp, topt)):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            comm.reset_stats()
+            opt.step()
+            if model is tp:
+                calls.append(comm.stats().get("world", {}).get("all_reduce", {}).get("calls", 0))
+            opt.zero_grad()
+    got = {"0.weight": tp[0].weight.detach(), "0.bias": tp[0].bias.detach()}
+    for i in (1, 3):
+        got.update({f"{i}.{k}": v for k, v in tp[i].full_params().items()})
+    err = {n: (got[n] - p.detach()).abs().max().item() for n, p in ref.named_parameters()}
+    return {"err": err, "calls": calls}
+
+
 def worker(tp: bool) -> dict:
     out = {case: chunk_case(case) for case in CASES}
     if tp:
         out["tp"] = {k: tp_case(k) for k in ("lamb", "lars")}
+        if dist.get_world_size() == 2:
+            out["tp_layers"] = {k: tp_layers_case(k) for k in ("lamb", "lars")}
     return out
 
 
@@ -224,6 +269,17 @@ def test_tensor_parallel_split_equals_one_process(world, world2, world4):
             for n, e in r["err"].items():
                 assert e <= 1e-5, f"{'1D' if world == 2 else '2D'} rank {rank} {kind} {n}: {e}"
             assert r["calls"] == r["steps"], f"{kind}: {r['calls']} all-reduces, want 1 per step"
+
+
+@pytest.mark.slow
+def test_parallel_1d_layers_equal_one_process(world2):
+    """ColumnParallelLinear / RowParallelLinear from ``parallel`` (2 ranks) + Lamb / Lars with
+    ShardedNormReducer == nn.Linear in one process; one all-reduce inside each optimizer step."""
+    for rank, res in enumerate(world2):
+        for kind, r in res["tp_layers"].items():
+            for n, e in r["err"].items():
+                assert e <= 1e-5, f"rank {rank} {kind} {n}: {e}"
+            assert r["calls"] == [1] * 10, f"rank {rank} {kind}: {r['calls']}"
 
 
 def test_trust_ratio_uses_whole_parameter():
