@@ -89,6 +89,14 @@ def _predicted_tokens(batch: dict[str, torch.Tensor], causal: bool) -> int:
     return int((labels != -100).sum())
 
 
+def _sequence_length(dataset: Sequence[Any] | None, collator: Callable) -> int | None:
+    """Token length of the first training batch's sequences (None when it has no input_ids)."""
+    if not dataset:
+        return None
+    ids = collator([dataset[0]]).get("input_ids")
+    return int(ids.shape[-1]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
+
+
 class Trainer:
     """Train / evaluate / save / resume a model under one strategy (see ``colossus.strategy``).
 
@@ -134,6 +142,8 @@ class Trainer:
                 config.data.block_size,
                 config.model.gradient_checkpointing,
             )
+        if hasattr(self.strategy, "seq_len"):  # sequence parallel checks the split up front
+            self.strategy.seq_len = _sequence_length(train_dataset, self.collator)
         # per-data-rank randomness (dropout, masking) after model init; ranks that split one
         # model (tensor parallel) share it, so their replicated activations stay identical
         set_seed(tc.seed + self.strategy.data_rank)
