@@ -175,6 +175,11 @@ def main() -> None:
     ap.add_argument("--adamw-lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3])
     ap.add_argument("--lamb-lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3])
     ap.add_argument("--target", type=float, help="validation loss target (default: see above)")
+    ap.add_argument(
+        "--large-only",
+        action="store_true",
+        help="only the 16B runs of the grids, no LARS part (extend a grid; --target needed)",
+    )
     ap.add_argument("--out", default="large-batch.json")
     ap.add_argument("--plot", default="large-batch.png")
     args = ap.parse_args()
@@ -192,7 +197,7 @@ def main() -> None:
     runs = []
     for name, lrs in (("adamw", args.adamw_lrs), ("lamb", args.lamb_lrs)):
         for base_lr in lrs:
-            for batch in (B, big):
+            for batch in (big,) if args.large_only else (B, big):
                 lr = scale_lr(base_lr, B, batch, "sqrt")
                 r = mlm_run(
                     cfg,
@@ -218,6 +223,8 @@ def main() -> None:
     for name in ("adamw", "lamb"):
         for batch in (B, big):
             cand = [r for r in runs if r["optim"] == name and r["batch"] == batch]
+            if not cand:
+                continue
             best = min(
                 cand, key=lambda r: r["curve"][-1][1] if math.isfinite(r["curve"][-1][1]) else 1e9
             )
@@ -235,6 +242,13 @@ def main() -> None:
             )
     for s in summary:
         print(s)
+    if args.large_only:
+        Path(args.out).write_text(
+            json.dumps(
+                {"target_val_loss": target, "mlm_summary": summary, "mlm_runs": runs}, indent=1
+            )
+        )
+        return
 
     # LARS on synthetic shapes
     train = shapes_dataset(8192, 0)
