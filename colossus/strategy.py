@@ -217,9 +217,9 @@ def make_strategy(
     cfg: StrategyConfig, ctx: DistContext, optim: OptimConfig | None = None
 ) -> Strategy:
     if cfg.sp > 1:  # before tp: SPStrategy composes sp with tp itself (or refuses)
-        from colossus.sp_strategy import SPStrategy
+        from colossus.sp_strategy import make_sp_strategy
 
-        return SPStrategy(cfg, ctx, optim)
+        return make_sp_strategy(cfg, ctx, optim)
     if cfg.tp > 1:  # imported here: it pulls in parallel, which none/ddp/chunk never need
         from colossus.tp_strategy import TPStrategy
 

@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -88,6 +89,7 @@ def sp_cross_entropy(
     labels: torch.Tensor,
     group=None,
     ignore_index: int = -100,
+    token_loss: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean token cross-entropy over every token of the sequence group.
 
@@ -95,13 +97,16 @@ def sp_cross_entropy(
     tokens. The token count is all-reduced (no gradient), so ``backward`` of the returned value
     on every rank and a sum of the parameter gradients over the group give the gradient of the
     global mean. The returned value is the global mean on every rank (the loss sum is all-reduced
-    too, outside autograd)."""
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        labels.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="sum",
-    )
+    too, outside autograd). ``token_loss(logits_2d, labels_1d, ignore_index)`` gives the summed
+    loss of this rank's tokens (default: ``F.cross_entropy``; under tensor parallelism a
+    vocabulary-parallel one for logits split by vocabulary)."""
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    if token_loss is None:
+        loss_sum = F.cross_entropy(
+            flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum"
+        )
+    else:
+        loss_sum = token_loss(flat_logits, flat_labels, ignore_index)
     stats = torch.stack([loss_sum.detach(), (labels != ignore_index).sum().to(loss_sum.dtype)])
     comm.all_reduce(stats, group=group)
     total_sum, count = stats[0], stats[1].clamp(min=1)

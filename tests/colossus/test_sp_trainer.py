@@ -1,7 +1,7 @@
 """strategy.sp: the Trainer with sequence parallelism gives the per-step losses and (clipped)
 global gradient norms of single-process training at the same global batch within 1e-4, on every
 rank: tiny GPT-2 and tiny Llama (GQA), each sp_mode, sp=2 on 2 gloo ranks (with 2 accumulation
-micro-steps) and dp=2 x sp=2 on 4; evaluation gives the same loss; resuming from a step-5
+micro-steps), dp=2 x sp=2 and tp=2 x sp=2 on 4; evaluation gives the same loss; resuming from a step-5
 checkpoint continues with the same losses; `colossus export` of the sp checkpoint is a
 from_pretrained folder with the reference model's logits. Refusals come before any work."""
 
@@ -36,24 +36,31 @@ def tiny_llama():
 
 
 MODELS = {"gpt2": tiny_gpt2, "llama": tiny_llama}
-# world -> (model, sp_mode, batch per data rank, grad_accum); global batch 4 everywhere
+# world -> (model, sp_mode, batch per data rank, grad_accum, tp); sp=2, global batch 4 everywhere
 CASES = {
     2: [
-        ("gpt2", "ring_attention", 2, 2),
-        ("gpt2", "ring_self_attention", 4, 1),
-        ("llama", "ulysses", 4, 1),
-        ("llama", "ring_attention", 4, 1),
+        ("gpt2", "ring_attention", 2, 2, 1),
+        ("gpt2", "ring_self_attention", 4, 1, 1),
+        ("llama", "ulysses", 4, 1, 1),
+        ("llama", "ring_attention", 4, 1, 1),
     ],
-    4: [("gpt2", "ring_attention", 1, 2), ("llama", "ulysses", 2, 1)],
+    4: [  # dp=2 x sp=2, then tp=2 x sp=2 (dp=1)
+        ("gpt2", "ring_attention", 1, 2, 1),
+        ("llama", "ulysses", 2, 1, 1),
+        ("gpt2", "ring_attention", 4, 1, 2),
+        ("llama", "ulysses", 4, 1, 2),
+    ],
 }
 
 
-def _config(run_dir: Path, batch: int, sp: int = 1, mode: str = "ring_attention", accum=1, **ck):
+def _config(
+    run_dir: Path, batch: int, sp: int = 1, mode: str = "ring_attention", accum=1, tp=1, **ck
+):
     return TrainingConfig(
         name="sp",
         optim={"lr": 3e-3, "weight_decay": 0.01},
         schedule={"name": "cosine", "warmup_steps": 2},
-        strategy={"name": "ddp" if sp > 1 else "none", "sp": sp, "sp_mode": mode},
+        strategy={"name": "ddp" if sp > 1 else "none", "sp": sp, "sp_mode": mode, "tp": tp},
         train={
             "max_steps": STEPS,
             "batch_size": batch,
@@ -87,23 +94,28 @@ def _worker(out: str):
     r, w = dist.get_rank(), dist.get_world_size()
     os.environ.update(RANK=str(r), WORLD_SIZE=str(w), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(w))
     res = {}
-    for i, (arch, mode, batch, accum) in enumerate(CASES[w]):
+    for i, (arch, mode, batch, accum, tp) in enumerate(CASES[w]):
         first = i == 0
+        save = first or (tp > 1 and arch == "gpt2")
         t = Trainer(
             MODELS[arch](),
-            _config(out / f"c{i}", batch, sp=2, mode=mode, accum=accum, save_final=first),
+            _config(out / f"c{i}", batch, sp=2, mode=mode, accum=accum, tp=tp, save_final=save),
             train_dataset=token_blocks(),
             **({"eval_dataset": token_blocks(16, seed=9)} if first else {}),
         )
         t.train()
-        res[(arch, mode)] = _hist(t)
-        res[(arch, mode, "dims")] = (t.strategy.data_rank, t.strategy.data_world, t.global_batch)
-        res[(arch, mode, "attn")] = t.model.config._attn_implementation
+        res[(arch, mode, tp)] = _hist(t)
+        res[(arch, mode, tp, "dims")] = (
+            t.strategy.data_rank,
+            t.strategy.data_world,
+            t.global_batch,
+        )
+        res[(arch, mode, tp, "attn")] = t.model.config._attn_implementation
         if first:
             res["eval"] = t.evaluate()["eval_loss"]
     if w != 2:
         return res
-    arch, mode, batch, accum = CASES[2][0]
+    arch, mode, batch, accum, _ = CASES[2][0]
     resumed = Trainer(
         MODELS[arch](seed=5),  # other weights: everything must come from the checkpoint
         _config(
@@ -145,21 +157,23 @@ def _reference(tmp: Path, arch: str, eval_too: bool = False):
 
 def _check(res, refs, world: int) -> None:
     for rank, got in enumerate(res):
-        for arch, mode, _, _ in CASES[world]:
+        for arch, mode, _, _, tp in CASES[world]:
             want = refs[arch]
-            assert got[(arch, mode)]["loss"] == pytest.approx(want["loss"], abs=1e-4), (
+            assert got[(arch, mode, tp)]["loss"] == pytest.approx(want["loss"], abs=1e-4), (
                 rank,
                 arch,
                 mode,
             )
-            assert got[(arch, mode)]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (
+            assert got[(arch, mode, tp)]["grad_norm"] == pytest.approx(
+                want["grad_norm"], rel=1e-4
+            ), (
                 rank,
                 arch,
                 mode,
             )
-            dp = world // 2
-            assert got[(arch, mode, "dims")] == (rank // 2, dp, 4)
-            assert got[(arch, mode, "attn")] == "colossus_sp"
+            dp = world // (2 * tp)
+            assert got[(arch, mode, tp, "dims")] == (rank // (2 * tp), dp, 4)
+            assert got[(arch, mode, tp, "attn")] == "colossus_sp"
 
 
 @pytest.mark.slow
@@ -189,15 +203,34 @@ def test_sp2_trainer_matches_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_dp2_sp2_trainer_matches_single_process(tmp_path):
-    refs = {arch: _reference(tmp_path, arch)[1] for arch in ("gpt2", "llama")}
+def test_dp2_sp2_and_tp2_sp2_trainer_match_single_process(tmp_path):
+    ref, want_gpt2, _ = _reference(tmp_path, "gpt2")
+    refs = {"gpt2": want_gpt2, "llama": _reference(tmp_path, "llama")[1]}
     res = spawn(_worker, 4, tmp_path / "spawn", str(tmp_path / "spawn"))
     _check(res, refs, 4)
+    # tp x sp: sp rank 0 of each tp rank wrote its shard; export consolidates them
+    ck = tmp_path / "spawn/c2/checkpoints/step-00000010"
+    assert sorted(p.name for p in ck.glob("tp-rank*")) == [
+        "tp-rank00000-of-00002.safetensors",
+        "tp-rank00001-of-00002.safetensors",
+    ]
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(export_checkpoint(ck, tmp_path / "exported"))
+    ids = token_blocks(2)[0][None]
+    with torch.no_grad():
+        diff = (loaded(input_ids=ids).logits - ref.model(input_ids=ids).logits).abs().max()
+    assert diff < 1e-4, float(diff)
 
 
 def test_sp_refusals_before_any_work(tmp_path):
-    with pytest.raises(ConfigError, match="strategy.sp=2 does not divide the 1 launched"):
+    with pytest.raises(
+        ConfigError, match=r"strategy.sp=2 x strategy.tp=1 = 2 does not divide the 1"
+    ):
         Trainer(tiny_gpt2(), _config(tmp_path, 2, sp=2), train_dataset=token_blocks())
+    cfg = _config(tmp_path, 2, sp=2, tp=4).with_overrides(["strategy.tp_mode=2d"])
+    with pytest.raises(ConfigError, match="composes with tp_mode=1d only"):
+        Trainer(tiny_gpt2(), cfg, train_dataset=token_blocks())
     cfg = _config(tmp_path, 2, sp=2).with_overrides(["strategy.name=chunk"])
     with pytest.raises(ConfigError, match="does not compose with strategy.name=chunk"):
         Trainer(tiny_gpt2(), cfg, train_dataset=token_blocks())
