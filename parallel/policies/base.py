@@ -12,7 +12,6 @@ key, how to rebuild the full tensor (:class:`KeyLayout`), which :func:`gather_st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -388,9 +387,6 @@ def consolidate(
         if src in out:  # a tied weight the per-rank files stored once
             out[alias] = out[src]
     return out
-
-
-LossFn = Callable[..., torch.Tensor]
 
 
 class VocabParallelCausalLMLoss:
