@@ -1,9 +1,10 @@
 """strategy.sp: the Trainer with sequence parallelism gives the per-step losses and (clipped)
 global gradient norms of single-process training at the same global batch within 1e-4, on every
 rank: tiny GPT-2 and tiny Llama (GQA), each sp_mode, sp=2 on 2 gloo ranks (with 2 accumulation
-micro-steps), dp=2 x sp=2 and tp=2 x sp=2 on 4; evaluation gives the same loss; resuming from a step-5
-checkpoint continues with the same losses; `colossus export` of the sp checkpoint is a
-from_pretrained folder with the reference model's logits. Refusals come before any work."""
+micro-steps), dp=2 x sp=2 and tp=2 x sp=2 on 4; evaluation gives the same loss; resuming from a
+step-5 checkpoint (sp, and tp x sp) continues with the same losses; `colossus export` of the sp
+and tp x sp checkpoints is a from_pretrained folder with the reference model's logits; the CLI
+under `accelerate launch` logs the single-process losses. Refusals come before any work."""
 
 from __future__ import annotations
 
@@ -99,7 +100,16 @@ def _worker(out: str):
         save = first or (tp > 1 and arch == "gpt2")
         t = Trainer(
             MODELS[arch](),
-            _config(out / f"c{i}", batch, sp=2, mode=mode, accum=accum, tp=tp, save_final=save),
+            _config(
+                out / f"c{i}",
+                batch,
+                sp=2,
+                mode=mode,
+                accum=accum,
+                tp=tp,
+                save_final=save,
+                interval=5 if save else None,
+            ),  # fmt: skip
             train_dataset=token_blocks(),
             **({"eval_dataset": token_blocks(16, seed=9)} if first else {}),
         )
@@ -113,9 +123,8 @@ def _worker(out: str):
         res[(arch, mode, tp, "attn")] = t.model.config._attn_implementation
         if first:
             res["eval"] = t.evaluate()["eval_loss"]
-    if w != 2:
-        return res
-    arch, mode, batch, accum, _ = CASES[2][0]
+    i = 0 if w == 2 else 2  # sp (2 ranks) or tp x sp (4 ranks) checkpoint of GPT-2
+    arch, mode, batch, accum, tp = CASES[w][i]
     resumed = Trainer(
         MODELS[arch](seed=5),  # other weights: everything must come from the checkpoint
         _config(
@@ -124,11 +133,15 @@ def _worker(out: str):
             sp=2,
             mode=mode,
             accum=accum,
-            resume_from=str(out / "c0/checkpoints/step-00000010"),
+            tp=tp,
+            resume_from=str(out / f"c{i}/checkpoints/step-00000005"),
         ),  # fmt: skip
         train_dataset=token_blocks(),
     )
-    res["resumed_step"] = resumed.step
+    resumed.train()
+    res["resumed"] = _hist(resumed)["loss"]
+    if w != 2:
+        return res
     cfg = _config(out / "x", 2, sp=2)
     bert_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"arch": "bert"})})
     from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
@@ -183,9 +196,10 @@ def test_sp2_trainer_matches_single_process(tmp_path):
     assert max(want_gpt2["grad_norm"]) > 0.5  # clipping was exercised
     res = spawn(_worker, 2, tmp_path / "spawn", str(tmp_path / "spawn"))
     _check(res, {"gpt2": want_gpt2, "llama": want_llama}, 2)
+    for got in res:  # resumed from step 5: the same losses as the uninterrupted run
+        assert got["resumed"] == pytest.approx(want_gpt2["loss"][5:], abs=1e-4)
     for rank, got in enumerate(res):
         assert got["eval"] == pytest.approx(want_eval, abs=1e-4), rank
-        assert got["resumed_step"] == STEPS
         assert "not model_type='bert'" in got["refuse_bert"], got["refuse_bert"]
         assert "L % (2*sp) == 0" in got["refuse_len"], got["refuse_len"]
         assert "pad or cut to 16 or 20" in got["refuse_len"], got["refuse_len"]
@@ -208,6 +222,8 @@ def test_dp2_sp2_and_tp2_sp2_trainer_match_single_process(tmp_path):
     refs = {"gpt2": want_gpt2, "llama": _reference(tmp_path, "llama")[1]}
     res = spawn(_worker, 4, tmp_path / "spawn", str(tmp_path / "spawn"))
     _check(res, refs, 4)
+    for got in res:  # tp x sp resumed from step 5: the same losses as the uninterrupted run
+        assert got["resumed"] == pytest.approx(want_gpt2["loss"][5:], abs=1e-4)
     # tp x sp: sp rank 0 of each tp rank wrote its shard; export consolidates them
     ck = tmp_path / "spawn/c2/checkpoints/step-00000010"
     assert sorted(p.name for p in ck.glob("tp-rank*")) == [
