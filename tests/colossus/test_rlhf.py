@@ -218,10 +218,22 @@ def _cfg(stage: str, tmp: Path, demo_dir: Path, *extra: str) -> TrainingConfig:
     )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models gain nothing from intra-op threads, and on a shared CI box two threads per
+    # process were 3-5x slower than one (oversubscribed cores spin at every barrier)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, demo):
     tmp = tmp_path_factory.mktemp("chain")
     demo_dir = demo[0]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: the autouse fixture above does not cover it
     sft = run_recipe(
         _cfg(
             "sft",
@@ -235,6 +247,7 @@ def chain(tmp_path_factory, demo):
         )
     )
     rm = run_recipe(_cfg("rm", tmp, demo_dir, "train.max_steps=300"))
+    torch.set_num_threads(n)
     return tmp, demo_dir, sft, rm
 
 
