@@ -848,8 +848,14 @@ class ChunkManager:
         return self._cache_all or c.keep_gathered
 
     def _release_lazy(self, keep: list[Chunk]) -> None:
+        frozen = self.order.frozen
         for c in list(self._lazy):
             if c in keep or self._cached(c):
+                continue
+            if frozen and self.order.next_use(c.index) <= _REUSE_WINDOW:
+                # used again within the next few accesses (a block's weights chunk around its
+                # layer norm, whose gains sit in the no-decay chunk): releasing it now would
+                # only gather (or read from NVMe) the same bytes again a module later
                 continue
             self._lazy.discard(c)
             if c.resident and c.idle:
@@ -1381,6 +1387,11 @@ class ChunkManager:
             for s in c.slots:
                 yield s.name, full[s.offset : s.offset + s.numel].view(s.shape).clone()
             del full
+
+
+_REUSE_WINDOW = 3
+"""A used chunk whose next access (in the recorded order) is at most this many chunk accesses
+ahead stays gathered instead of being released and gathered again."""
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
