@@ -145,6 +145,8 @@ class ChunkStrategy(Strategy):
     name = "chunk"
     activation_estimate: float = 0.0
     """Per-rank activation bytes of a step (the Trainer sets it from its batch shape)."""
+    _steps_since_report = 0  # optimizer steps since memory_report last measured NVMe traffic
+    _last_movement: dict[str, float] | None = None
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         cc = self.cfg.chunk
@@ -202,7 +204,7 @@ class ChunkStrategy(Strategy):
             if not self.optimizer.step():  # fp16 overflow: skipped, loss scale halved
                 self.skipped_steps += 1
             self.optimizer.zero_grad()
-        self._steps_since_report = getattr(self, "_steps_since_report", 0) + 1
+        self._steps_since_report += 1
 
     def close(self) -> None:
         self.mgr.close()
@@ -228,10 +230,10 @@ class ChunkStrategy(Strategy):
             out[f"{tier}_gib"] = r["total"] / 2**30
             out[f"{tier}_peak_gib"] = r["peak"] / 2**30
             out[f"{tier}_plan_gib"] = self.mgr.plan.get(tier, 0) / 2**30  # predicted up front
-        steps = getattr(self, "_steps_since_report", 0)
+        steps = self._steps_since_report
         if self.mgr.swapper is not None and steps:  # NVMe traffic per step vs the least possible
             mv = self.mgr.movement()
-            last = getattr(self, "_last_movement", None) or {k: 0 for k in mv}
+            last = self._last_movement or {k: 0 for k in mv}
             self._last_movement, self._steps_since_report = mv, 0
             moved = (mv["nvme_read_bytes"] - last["nvme_read_bytes"]) + (
                 mv["nvme_written_bytes"] - last["nvme_written_bytes"]

@@ -63,9 +63,10 @@ class ChunkOptimizer(torch.optim.Optimizer):
     def update_shard(self, c: Chunk, group: dict[str, Any]) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> bool:  # type: ignore[override]
-        """Update every owned shard; returns False when the step was skipped (fp16 overflow)."""
+    def _begin_step(self, closure: Any) -> list[Chunk] | None:
+        """Shared prologue of a step: reduced, unscaled gradients; None when fp16 overflowed
+        (the step is skipped and the loss scale lowered), else the chunks to update: those
+        with a gradient (like torch, no update without one)."""
         if closure is not None:
             raise ValueError("closures are not supported")
         mgr = self.mgr
@@ -75,10 +76,19 @@ class ChunkOptimizer(torch.optim.Optimizer):
             mgr.scaler.update(found)
             if found:
                 mgr.after_step()
-                return False
-        # chunks without a gradient (like torch: no update) are not even swapped in
-        todo = [c for c in mgr.chunks if c.index in self._group_of and mgr.has_grad(c)]
-        for c in mgr.optim_pass(todo):  # NVMe state read ahead / written behind
+                return None
+        return [c for c in mgr.chunks if c.index in self._group_of and mgr.has_grad(c)]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> bool:  # type: ignore[override]
+        """Update every owned shard; returns False when the step was skipped (fp16 overflow)."""
+        todo = self._begin_step(closure)
+        if todo is None:
+            return False
+        mgr = self.mgr
+        for c in mgr.optim_pass(
+            todo
+        ):  # chunks without a gradient are not even swapped in  # NVMe state read ahead / written behind
             unused = [g for g in c.segments if not self._slot(c, g.name).has_grad]
             saved = self._save(c, unused)
             self.update_shard(c, self._group_of[c.index])

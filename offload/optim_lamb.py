@@ -88,17 +88,10 @@ class ChunkTrustOptimizer(ChunkOptimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> bool:  # type: ignore[override]
         """Two-phase update of every owned shard; False when skipped (fp16 overflow)."""
-        if closure is not None:
-            raise ValueError("closures are not supported")
+        todo = self._begin_step(closure)
+        if todo is None:
+            return False
         mgr = self.mgr
-        mgr._prepare_grads()
-        if mgr.scaler is not None:
-            found = mgr.found_inf()
-            mgr.scaler.update(found)
-            if found:
-                mgr.after_step()
-                return False
-        todo = [c for c in mgr.chunks if c.index in self._group_of and mgr.has_grad(c)]
         if self.max_grad_norm is not None:  # global pre-normalisation: a second all-reduce
             total = mgr.clip_grad_norm_(None)
             coef = self.max_grad_norm / total.clamp(min=self.max_grad_norm)
