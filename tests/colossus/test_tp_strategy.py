@@ -3,7 +3,8 @@ tp=4, and tp_mode=2d at tp=4 on an untied GPT-2) on 4 gloo ranks gives the per-s
 (clipped) global gradient norms of single-process training at the same global batch within 1e-4,
 on every rank (LAMB at tp=4 too); evaluation gives the same loss; resuming from a step-5 checkpoint continues with
 the same losses; `colossus export` of the tp checkpoint is a from_pretrained folder with the
-reference model's logits; each rank holds 1/tp of every split layer. One 4-rank spawn."""
+reference model's logits; each rank holds 1/tp of every split layer. One 4-rank spawn.
+And tp_mode=2d (tp=4) x dp=2 on 8 ranks for GPT-2 and Llama (one 8-rank spawn)."""
 
 from __future__ import annotations
 
@@ -151,3 +152,71 @@ def test_tp_trainer_matches_single_process(tmp_path):
 def test_tp_needs_enough_ranks(tmp_path):
     with pytest.raises(ConfigError, match="strategy.tp=2 does not divide the 1 launched"):
         Trainer(tiny_gpt2(), _config(tmp_path, batch=2, tp=2), train_dataset=token_blocks())
+
+
+def _untied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                      max_position_embeddings=32, bos_token_id=0, eos_token_id=0,
+                      pad_token_id=None, tie_word_embeddings=False)  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+GRID_DP_MODELS = {"gpt2": _untied_gpt2, "llama": _untied_llama}
+
+
+def _grid_dp_worker(out: str):
+    out = Path(out)
+    r, w = dist.get_rank(), dist.get_world_size()
+    os.environ.update(RANK=str(r), WORLD_SIZE=str(w), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(w))
+    res = {}
+    for arch, build in GRID_DP_MODELS.items():
+        # 8 ranks = dp 2 x (2d grid of tp=4); batch 2 per replica (one row per grid row), global 4
+        t = Trainer(
+            build(), _config(out / arch, batch=2, tp=4, mode="2d", interval=STEPS),
+            train_dataset=token_blocks(),
+        )  # fmt: skip
+        t.train()
+        res[arch] = _hist(t) | {
+            "dims": (t.strategy.data_rank, t.strategy.data_world, t.global_batch),
+            "eval": t.evaluate(token_blocks(16, seed=9))["eval_loss"],
+            "ddp": type(t.engine).__name__,
+        }
+    return res
+
+
+@pytest.mark.slow
+def test_tp_2d_times_dp2_eight_ranks(tmp_path):
+    """tp_mode=2d (tp=4) x dp=2 on 8 ranks: the Trainer's losses, clipped global gradient norms
+    and eval loss equal single-process training (global batch 4) on every rank for an untied
+    GPT-2 and a Llama (GQA, RMSNorm, rotary); the step-10 checkpoint exports through
+    `colossus export` to a from_pretrained folder with the reference logits."""
+    from transformers import AutoModelForCausalLM
+
+    refs = {}
+    for arch, build in GRID_DP_MODELS.items():
+        ref = Trainer(
+            build(), _config(tmp_path / f"ref-{arch}", batch=4), train_dataset=token_blocks()
+        )
+        ref.train()
+        refs[arch] = (ref, _hist(ref), ref.evaluate(token_blocks(16, seed=9))["eval_loss"])
+    res = spawn(_grid_dp_worker, 8, tmp_path / "spawn", str(tmp_path / "spawn"))
+    ids = token_blocks(2)[0][None]
+    for arch, (ref, want, want_eval) in refs.items():
+        for rank, got in enumerate(res):
+            g = got[arch]
+            assert g["loss"] == pytest.approx(want["loss"], abs=1e-4), (rank, arch)
+            assert g["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (rank, arch)
+            assert g["eval"] == pytest.approx(want_eval, abs=1e-4), (rank, arch)
+            assert g["dims"] == (rank // 4, 2, 4) and g["ddp"] == "DistributedDataParallel"
+        ck = tmp_path / f"spawn/{arch}/checkpoints/step-{STEPS:08d}"
+        assert sorted(p.name for p in ck.glob("tp-rank*")) == [
+            f"tp-rank{i:05d}-of-00004.safetensors" for i in range(4)
+        ]
+        loaded = AutoModelForCausalLM.from_pretrained(export_checkpoint(ck, tmp_path / f"x-{arch}"))
+        with torch.no_grad():
+            diff = (loaded(input_ids=ids).logits - ref.model(input_ids=ids).logits).abs().max()
+        assert diff < 1e-4, (arch, float(diff))
