@@ -27,6 +27,7 @@ from .chunk import TRANSITIONS, Chunk, IllegalTransition, Segment, SlotState  # 
 from .manager import ChunkConfig, ChunkManager, default_decay_filter  # noqa: E402
 from .optim import ChunkAdamW, ChunkOptimizer  # noqa: E402
 from .optim_lamb import ChunkLamb, ChunkLars, ChunkTrustOptimizer  # noqa: E402
+from .pool import MemoryPool  # noqa: E402
 from .precision import DynamicLossScaler  # noqa: E402
 from .search import pack, padding_waste, search_chunk_size  # noqa: E402
 from .tiers import AccessOrder, Tier, belady_victim, static_placement  # noqa: E402
@@ -45,6 +46,7 @@ __all__ = [
     "ChunkTrustOptimizer",
     "DynamicLossScaler",
     "IllegalTransition",
+    "MemoryPool",
     "Segment",
     "SlotState",
     "Tier",

@@ -56,6 +56,7 @@ from .chunk import Chunk, Slot, SlotState
 from .comm import all_gather_into, reduce_scatter_sum
 from .lazy import Materializer, has_meta_params
 from .nvme import NvmeStore
+from .pool import PoolMember
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
 from .swap import ParamFetcher, ShardSwapper
@@ -219,6 +220,7 @@ class ChunkManager:
         config: ChunkConfig | None = None,
         process_group: Any = None,
         dry_run_world_size: int | None = None,
+        pool: PoolMember | None = None,
     ) -> None:
         self.config = cfg = config or ChunkConfig()
         self.group = process_group
@@ -244,6 +246,10 @@ class ChunkManager:
             "device": Tier("device", self.device, cfg.device_budget),
             "host": Tier("host", torch.device("cpu"), cfg.host_budget),
         }
+        # a budget shared with other managers (offload.pool): own accounting, the pool's budget
+        self.pool = pool.pool if pool is not None else None
+        if pool is not None:
+            self.tiers.update(pool.pool.join(pool.name, self))
         if cfg.nvme_optim_frac > 0 or (cfg.placement == "auto" and cfg.nvme_dir):
             self.tiers["nvme"] = Tier("nvme", torch.device("cpu"))
         self.swapper: ShardSwapper | None = None
@@ -863,6 +869,8 @@ class ChunkManager:
 
     def _make_room(self, nbytes: int, exclude: Chunk) -> None:
         dev = self.tiers["device"]
+        if self.pool is not None and not dev.fits(nbytes):
+            self.pool.make_room(self, nbytes)  # idle models' gathered chunks go first
         while not dev.fits(nbytes):
             cands = [
                 c.index
@@ -1224,6 +1232,32 @@ class ChunkManager:
                 acc[index[g.name]] += self.tiers["device"].put(piece.double().pow(2).sum())
         self._all_reduce(acc)
         return dict(zip(names, acc))
+
+    # ============================================================ phases (offload.pool)
+    def release_gathered(self) -> int:
+        """Release every idle gathered chunk (its shard stays on its tier); returns how many.
+        A model idle in a phase keeps no device copy; chunks in use are left alone."""
+        n = 0
+        for c in self.chunks:
+            if c.resident and not c.payload_is_shard and c.idle:
+                self._release(c)
+                self._lazy.discard(c)
+                n += 1
+        return n
+
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
+        """No-grad forwards outside the training step (generation with a KV cache, scoring):
+        chunks are fetched and released by the same hooks, but recorded in a separate access
+        order, so the training step's recorded order (eviction, prefetch) is left as it was;
+        on exit every idle gathered chunk is released. Collective over ranks, like a forward."""
+        saved, self.order = self.order, AccessOrder()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.order = saved
+            self.release_gathered()
 
     # ================================================================== reporting
     def min_nvme_bytes_per_step(self) -> int:

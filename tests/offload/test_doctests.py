@@ -21,6 +21,7 @@ MODULES = [
     "offload.lazy",
     "offload.timeline",
     "offload.tracer",
+    "offload.pool",
 ]
 
 
