@@ -147,6 +147,8 @@ class ChunkStrategy(Strategy):
     """Per-rank activation bytes of a step (the Trainer sets it from its batch shape)."""
     _steps_since_report = 0  # optimizer steps since memory_report last measured NVMe traffic
     _last_movement: dict[str, float] | None = None
+    pool = None
+    """An ``offload.pool.PoolMember``: the manager shares that pool's budget (RLHF PPO)."""
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         cc = self.cfg.chunk
@@ -169,7 +171,7 @@ class ChunkStrategy(Strategy):
             decay = chunk_decay_filter(self.optim_cfg)
             if decay is not None:
                 extra["decay_filter"] = decay
-            self.mgr = ChunkManager(model, chunk_config(cc, dev, **extra))
+            self.mgr = ChunkManager(model, chunk_config(cc, dev, **extra), pool=self.pool)
         except (ValueError, TypeError, NvmeError) as e:
             raise ConfigError(f"strategy.chunk: {e}") from None
         self.model = self.engine = model

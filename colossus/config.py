@@ -385,6 +385,10 @@ class PPOConfig(_Section):
     """Clip normalised scores to [-reward_clip, reward_clip]."""
     whiten_advantages: bool = True
     entropy_coef: float = Field(0.0, ge=0.0)
+    offload_frozen: bool = True
+    """Strategy chunk: keep the frozen reference and reward models' parameters on the host tier,
+    gathered to the device chunk by chunk only while they score (False: their chunks follow
+    ``strategy.chunk`` like the actor's). The four models share ``strategy.chunk``'s budgets."""
 
 
 class DPOConfig(_Section):

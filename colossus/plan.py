@@ -44,6 +44,7 @@ class Plan:
     chunks: int = 0
     fractions: dict[str, float] = field(default_factory=dict)  # the placement (auto: chosen)
     ppo_models: list[dict[str, Any]] = field(default_factory=list)  # rlhf.stage=ppo: per model
+    ppo_pool: list[dict[str, Any]] = field(default_factory=list)  # ppo under chunk: per model
 
     def total(self, tier: str) -> float:
         return sum(self.tiers.get(tier, {}).values())
@@ -179,6 +180,8 @@ def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
     act = activation_bytes(hf, tc.batch_size, cfg.data.block_size, ckpt)
     if cfg.rlhf.stage == "ppo":  # four models, each whole on every rank (none / ddp)
         plan.ppo_models = ppo_model_rows(cfg, n, hf)
+        if cfg.strategy.name == "chunk":
+            return _ppo_chunk_plan(cfg, plan)
         parts = ("params", "grads", "optim_state", "activations", "kv_cache")
         plan.tiers["device"] = {k: sum(r[k] for r in plan.ppo_models) for k in parts}
         plan.budgets = {"device": None}
@@ -240,6 +243,39 @@ def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
     return plan
 
 
+def _ppo_chunk_plan(cfg: TrainingConfig, plan: Plan) -> Plan:
+    """PPO under chunk: the four models' chunk managers laid out in dry-run in one memory pool
+    (colossus.rlhf.ppo_memory): every model's state, plus the largest working set, plus the
+    activations / KV cache of the model computing (one at a time), against the shared budgets."""
+    from colossus.rlhf.ppo_memory import plan_pool
+
+    pool = plan_pool(cfg, plan.world_size)
+    needs = pool.needs()
+    extra = {r["name"]: r for r in plan.ppo_models}
+    for name, r in needs.items():
+        act = {k: extra[name][k] for k in ("activations", "kv_cache")}
+        plan.ppo_pool.append({"name": name, **r, **act})
+    rows = needs.values()
+    plan.tiers = {
+        "device": {
+            "model_state": sum(r["device_state"] for r in rows),
+            "working (largest)": max(r["device_working"] for r in rows),
+            "activations+kv": max(r["activations"] + r["kv_cache"] for r in plan.ppo_models),
+        },
+        "host": {
+            "model_state": sum(r["host_state"] for r in rows),
+            "working (largest)": max(r["host_working"] for r in rows),
+        },
+    }
+    nvme = sum(r["nvme_state"] for r in rows)
+    if nvme:
+        plan.tiers["nvme"] = {"model_state": nvme}
+    plan.budgets = dict(pool.budgets)
+    plan.same_memory = pool._same_memory()
+    plan.chunks = sum(len(m.chunks) for m in pool.members.values())
+    return plan
+
+
 def _add(d: dict[str, dict[str, float]], tier: str, what: str, nbytes: float) -> None:
     d.setdefault(tier, {})
     d[tier][what] = d[tier].get(what, 0) + nbytes
@@ -296,7 +332,20 @@ def run_plan(cfg: TrainingConfig, world_size: int, disk_gbps: float | None) -> i
     if cfg.strategy.name == "chunk" and cfg.strategy.chunk.placement == "auto":
         chosen = " ".join(f"{k}={v:.3f}" for k, v in plan.fractions.items())
         print(f"placement=auto chose: {chosen}")
-    if plan.ppo_models:
+    if plan.ppo_pool:
+        print_table(
+            "plan: PPO memory per model under strategy chunk (GiB per rank; the four models "
+            "share one budget, and compute one at a time)",
+            [{k: v / GIB if k != "name" else v for k, v in r.items()} for r in plan.ppo_pool],
+        )
+        need = {t: _size(plan.need(t)) for t in ("device", "host")}
+        budget = {t: "none" if b is None else _size(b) for t, b in plan.budgets.items()}
+        print(
+            f"shared budget: device needs {need['device']} (budget {budget['device']}), host "
+            f"needs {need['host']} (budget {budget['host']})"
+            + (" - one RAM here: the host budget covers both" if plan.same_memory else "")
+        )
+    elif plan.ppo_models:
         print_table(
             "plan: PPO memory per model (GiB, on every rank)",
             [{k: v / GIB if k != "name" else v for k, v in r.items()} for r in plan.ppo_models],

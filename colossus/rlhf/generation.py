@@ -66,8 +66,11 @@ def sample(
     prompts: list[list[int]],
     gen: GenerationConfig,
     greedy: bool = False,
+    synced: bool = False,
 ) -> Rollout:
-    """One response per prompt (sampled with ``gen``, or greedy), cut after the stop token."""
+    """One response per prompt (sampled with ``gen``, or greedy), cut after the stop token.
+    ``synced``: every rank keeps running forwards until all ranks are done (ZeRO-3 sharded
+    weights are gathered by collectives, so the ranks must run the same number)."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = [torch.tensor(p, dtype=torch.long) for p in prompts]
@@ -87,6 +90,7 @@ def sample(
         eos_token_id=stops,
         pad_token_id=pad,
         use_cache=True,
+        synced_gpus=synced,
     )
     model.train(was_training)
     resp = out[:, ids.shape[1] :]

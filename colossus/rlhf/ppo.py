@@ -6,7 +6,8 @@ KV cache, ``rlhf.generation`` sampling), score them with the reward model (norma
 ``rlhf.ppo.reward_norm``), subtract the per-token KL penalty to the reference, estimate
 advantages with GAE, then run ``ppo_epochs`` passes of minibatches with the clipped policy and
 value losses. The actor and critic each run under ``strategy`` (``none`` or ``ddp``: rollouts
-are per rank, gradients averaged); the frozen models sit on each rank's device. Every
+are per rank, gradients averaged; the frozen models sit on each rank's device; ``chunk``: all
+four models are chunk managers sharing one budget, see :mod:`colossus.rlhf.ppo_memory`). Every
 iteration logs reward, KL, entropy, clip fraction and value loss (``RUN_DIR/metrics.jsonl``,
 console progress) and, for code prompts, the share of responses that parse.
 
@@ -45,6 +46,7 @@ from colossus.rlhf.ppo_math import (
     policy_loss,
     value_loss,
 )
+from colossus.rlhf.ppo_memory import check_pool, chunk_frozen, new_pool, plan_pool
 from colossus.rlhf.reward import load_scalar_model, sequence_scores, token_values
 from colossus.rlhf.stage import (
     broadcast,
@@ -99,15 +101,21 @@ def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 class _Learner:
-    """One trained model under its own strategy instance (optimizer, clipping, DDP sync)."""
+    """One trained model under its own strategy instance (optimizer, clipping, DDP sync; under
+    chunk a member of the four models' memory pool)."""
 
-    def __init__(self, cfg: TrainingConfig, ctx, model: nn.Module, lr: float, total: int):
-        self.strategy = make_strategy(cfg.strategy, ctx)
+    def __init__(
+        self, cfg: TrainingConfig, ctx, model: nn.Module, lr: float, total: int, member=None
+    ):
+        self.strategy = make_strategy(cfg.strategy, ctx, cfg.optim)
+        if member is not None:
+            self.strategy.pool = member
         self.engine = self.strategy.prepare_model(model)
         self.model = self.strategy.model
         self.opt = self.strategy.build_optimizer(cfg.optim.model_copy(update={"lr": lr}))
         self.sched = build_scheduler(self.opt, cfg.schedule, total)
         self.max_norm = cfg.train.max_grad_norm
+        self.mgr = getattr(self.strategy, "mgr", None)  # strategy chunk: its ChunkManager
 
     def step(self, loss: torch.Tensor) -> float:
         self.strategy.backward(loss)
@@ -147,14 +155,19 @@ def _prompt_batch(prompts: list, it: int, per_rank: int, ctx, seed: int) -> list
     return [prompts[int(i)] for i in perm[start : start + per_rank]]
 
 
+def _phase(mgr):
+    """A no-grad phase of one model: under chunk its ``inference()`` (gathered chunks released
+    at the end, the training step's access order untouched)."""
+    return mgr.inference() if mgr is not None else torch.no_grad()
+
+
 def _check(cfg: TrainingConfig) -> None:
     p = cfg.rlhf.ppo
-    if cfg.strategy.name == "chunk":
+    if cfg.strategy.name == "chunk" and cfg.strategy.chunk.placement == "auto":
         raise ConfigError(
-            "rlhf.stage=ppo supports strategy.name none and ddp: strategy chunk would need the "
-            "actor's chunks gathered for generate() and two chunk managers (actor, critic) "
-            "sharing one budget, which is not built yet. Use strategy.name=ddp across ranks "
-            "(the SFT / RM / DPO stages do run under chunk)"
+            "rlhf.stage=ppo under strategy chunk needs strategy.chunk.placement=static: auto "
+            "would place each of the four models against the whole shared budget. Set the "
+            "offload fractions; `colossus plan` shows each model's memory and the shared need"
         )
     if not cfg.model.path:
         raise ConfigError("rlhf.stage=ppo needs model.path: the SFT stage's export dir")
@@ -176,19 +189,39 @@ def run_ppo(cfg: TrainingConfig) -> dict[str, Any]:
     prompts = [x["prompt"] for x in read_jsonl(train_f, PROMPT_KEYS)]
     eval_prompts = [x["prompt"] for x in read_jsonl(eval_f, PROMPT_KEYS)] if eval_f else []
     dev = ctx.device
+    chunked = cfg.strategy.name == "chunk"
+    pool = None
+    if chunked:  # the four models' memory, checked on meta models before anything is loaded
+        check_pool(plan_pool(cfg, ctx.world_size, dev))
+        pool = new_pool(cfg)
 
     actor = build_policy(cfg, tok)
-    ref = _frozen(load_exported_policy(require_model_dir(cfg.model.path, "model.path"), dev), dev)
-    reward = _frozen(load_scalar_model(p.reward_model, cfg.train.seed), dev)
+    # under chunk the manager copies parameters chunk by chunk into their tier: load on CPU
+    load_dev = torch.device("cpu") if chunked else dev
+    ref_dir = require_model_dir(cfg.model.path, "model.path")
+    ref = load_exported_policy(ref_dir, load_dev)
+    reward = load_scalar_model(p.reward_model, cfg.train.seed)
+    ref_mgr = reward_mgr = None
+    if chunked:
+        ref_mgr = chunk_frozen(ref, cfg, "reference", pool, dev)
+        reward_mgr = chunk_frozen(reward, cfg, "reward", pool, dev)
+    else:
+        ref, reward = _frozen(ref, dev), _frozen(reward, dev)
     critic = ValueModel(load_scalar_model(p.critic or p.reward_model, cfg.train.seed))
     opt_steps = iters * p.ppo_epochs * (p.rollout_batch // p.minibatch)
-    actor_l = _Learner(cfg, ctx, actor, cfg.optim.lr, opt_steps)
-    critic_l = _Learner(cfg, ctx, critic, p.critic_lr or cfg.optim.lr, opt_steps)
+    member = (lambda name: pool.member(name)) if chunked else (lambda name: None)
+    actor_l = _Learner(cfg, ctx, actor, cfg.optim.lr, opt_steps, member("actor"))
+    critic_l = _Learner(cfg, ctx, critic, p.critic_lr or cfg.optim.lr, opt_steps, member("critic"))
+    if pool is not None:
+        check_pool(pool)  # the real layout (the same as the dry run's)
+    synced = chunked and ctx.world_size > 1  # ZeRO-3: every rank runs as many forwards
     # the run directory, seeding and logging of an ordinary run
     run_dir = Trainer._resolve_run_dir(_RunDirOnly(cfg, ctx))
     set_seed(cfg.train.seed + ctx.rank)  # per-rank sampling
 
-    reward_before = _eval_reward(actor_l.model, reward, tok, eval_prompts, cfg)
+    reward_before = _eval_reward(
+        actor_l.model, reward, tok, eval_prompts, cfg, actor_l.mgr, reward_mgr
+    )
     logger = PPOLogger(run_dir, iters, ctx.is_main, cfg.logging.progress, False)
     kl_ctl = AdaptiveKL(p.kl_coef, p.kl_target, p.kl_horizon)
     moments = RunningMoments()
@@ -198,13 +231,17 @@ def run_ppo(cfg: TrainingConfig) -> dict[str, Any]:
         t_it = time.perf_counter()
         texts = _prompt_batch(prompts, it, p.rollout_batch, ctx, cfg.train.seed)
         ids = [encode_prompt(tok, t, r.max_prompt_tokens) for t in texts]
-        roll = sample(actor_l.model, tok, ids, r.generation)
-        rmask = roll.response_mask.float()
-        with torch.no_grad():
+        with _phase(actor_l.mgr):
+            roll = sample(actor_l.model, tok, ids, r.generation, synced=synced)
             old_logp, _ = token_logps(actor_l.model, roll)
+        rmask = roll.response_mask.float()
+        with _phase(ref_mgr):
             ref_logp, _ = token_logps(ref, roll)
+        with _phase(critic_l.mgr):
             old_values = _response_slice(critic_l.model(roll.sequences, roll.attention_mask), roll)
+        with _phase(reward_mgr):
             score = sequence_scores(reward, roll.sequences, roll.attention_mask)
+        with torch.no_grad():
             norm_score = _normalise(score, moments, p)
             rewards, kl = kl_penalized_rewards(norm_score, old_logp, ref_logp, rmask, kl_ctl.coef)
             adv, returns = gae(rewards, old_values, rmask, p.gamma, p.lam)
@@ -240,7 +277,7 @@ def run_ppo(cfg: TrainingConfig) -> dict[str, Any]:
                     stats[k].append(float(x.detach()))
             if p.kl_max is not None:
                 # KL to the reference of the updated policy on this batch (nats per sequence)
-                with torch.no_grad():
+                with _phase(actor_l.mgr):
                     new_logp, _ = token_logps(actor_l.model, roll)
                 kl_now = float(all_reduce_mean(((new_logp - ref_logp) * rmask).sum(-1).mean()))
                 if kl_now > p.kl_max:
@@ -265,6 +302,7 @@ def run_ppo(cfg: TrainingConfig) -> dict[str, Any]:
             "stopped_early": stopped_early,
             "lr": actor_l.sched.get_last_lr()[0],
             "peak_rss_gib": peak_rss_gib(),
+            **_pool_peaks(pool),
             "iter_s": time.perf_counter() - t_it,
             "time_s": time.perf_counter() - t0,
         }
@@ -273,10 +311,11 @@ def run_ppo(cfg: TrainingConfig) -> dict[str, Any]:
         history.append(rec)
         logger.log(rec)
 
-    in_sync = _ranks_agree(actor_l.model) and _ranks_agree(critic_l.model)
+    # chunk (ZeRO-3) keeps one sharded copy: nothing to compare across ranks
+    in_sync = None if chunked else _ranks_agree(actor_l.model) and _ranks_agree(critic_l.model)
     out = export_model(actor_l.strategy, actor_l.model, tok, export_dir(cfg, run_dir))
     trained = load_exported_policy(out, dev)
-    reward_after = _eval_reward(trained, reward, tok, eval_prompts, cfg)
+    reward_after = _eval_reward(trained, reward, tok, eval_prompts, cfg, None, reward_mgr)
     summary: dict[str, Any] = {
         "stage": "ppo",
         "iterations": len(history),
@@ -296,7 +335,13 @@ def run_ppo(cfg: TrainingConfig) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "history": history,
     }
-    logger.close({k: v for k, v in summary.items() if k != "history"})
+    if pool is not None:  # bytes per tier: all four together (peak) and per model
+        summary["memory"] = pool.report()
+        summary |= _pool_peaks(pool)
+    for m in (actor_l.strategy, critic_l.strategy, ref_mgr, reward_mgr):
+        if m is not None:
+            m.close()  # NVMe files
+    logger.close({k: v for k, v in summary.items() if k not in ("history", "memory")})
     if ctx.is_main and cfg.logging.plot:
         plot_ppo(history, run_dir / "ppo.png")
     write_summary(run_dir, summary)
@@ -368,23 +413,37 @@ def _gathered(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _pool_peaks(pool) -> dict[str, float]:
+    if pool is None:
+        return {}
+    rep = pool.report()
+    return {f"pool_{t}_peak_mib": rep[t]["peak"] / 2**20 for t in ("device", "host")}
+
+
 @torch.no_grad()
-def _eval_reward(policy, reward, tok, prompts: list[str], cfg: TrainingConfig) -> dict:
+def _eval_reward(
+    policy, reward, tok, prompts: list[str], cfg: TrainingConfig, policy_mgr=None, reward_mgr=None
+) -> dict:
     """Mean reward-model score and parse rate of sampled responses to held-out prompts (rank 0,
-    fixed seed): the before / after figures of the stage."""
+    fixed seed): the before / after figures of the stage. Under chunk with several ranks every
+    rank runs it (the chunk managers' forwards are collectives) and rank 0's figures are kept."""
     r = cfg.rlhf
     out: dict[str, float] = {}
     import torch.distributed as dist
 
-    if (not dist.is_initialized() or dist.get_rank() == 0) and prompts and r.eval_samples:
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    everyone = multi and reward_mgr is not None
+    if (everyone or not multi or dist.get_rank() == 0) and prompts and r.eval_samples:
         ps = prompts[: r.eval_samples]
         scores, texts = [], []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.train.seed + 12345)
             for i in range(0, len(ps), 32):
                 ids = [encode_prompt(tok, t, r.max_prompt_tokens) for t in ps[i : i + 32]]
-                roll = sample(policy, tok, ids, r.generation)
-                scores.append(sequence_scores(reward, roll.sequences, roll.attention_mask))
+                with _phase(policy_mgr):
+                    roll = sample(policy, tok, ids, r.generation, synced=everyone)
+                with _phase(reward_mgr):
+                    scores.append(sequence_scores(reward, roll.sequences, roll.attention_mask))
                 texts += decode_responses(tok, roll, r.generation.stop)
         out = {"reward": float(torch.cat(scores).mean()), "parse_rate": parse_rate(ps, texts)}
     return broadcast(out)
