@@ -31,6 +31,13 @@ def build_hf_config(cfg: ModelConfig, vocab_size: int | None = None) -> Pretrain
         if not hasattr(hf_cfg, k) and k not in hf_cfg.attribute_map:
             raise ConfigError(f"model.config.{k}: {type(hf_cfg).__name__} has no attribute {k!r}")
         setattr(hf_cfg, k, v)
+    # Llama-family configs derive head_dim = hidden_size / num_attention_heads in __init__: a
+    # default derived that way must follow the overrides (not stay 4096 / 32 = 128)
+    default = AutoConfig.for_model(cfg.arch)
+    hd, h, a = "head_dim", "hidden_size", "num_attention_heads"
+    if hd not in overrides and getattr(default, hd, None) and getattr(default, a, None):
+        if default.head_dim == getattr(default, h, 0) // default.num_attention_heads:
+            hf_cfg.head_dim = getattr(hf_cfg, h) // getattr(hf_cfg, a)
     return hf_cfg
 
 

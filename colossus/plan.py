@@ -12,6 +12,16 @@ Activation Recomputation in Large Transformer Models"): per layer ``s*b*h*(34 + 
 16-bit, doubled for fp32; with activation checkpointing only each layer's input (``s*b*h``
 values) is kept, plus one layer's worth during recomputation.
 
+Tensor parallelism (``strategy.tp``, strategies none / ddp): parameters, gradients and AdamW
+state per rank are what :func:`parallel.policies.shard_fractions` says each rank keeps of every
+parameter (1/tp of the split layers; 1D keeps norms, position embeddings and row biases whole,
+the grid modes split everything). Activations per layer follow Korthikanti et al.'s 1D formula
+``s*b*h*(10 + 24/t + 5*a*s/(h*t))`` (layer norms, dropout and the layer input stay whole); the
+grid modes (Optimus, Tesseract, 3D) split every activation by batch rows and hidden columns, so
+``1/t`` of the no-parallelism figure (3D also keeps its gathered operands for backward: more).
+The vocabulary-parallel logits are 1/t in every mode. ``--world-size`` counts every process
+(dp = world / tp; the default 1 means one tensor-parallel group, world = tp).
+
 Example::
 
     colossus plan recipes/gpt2-tiny-chunk.yaml --world-size 2
@@ -27,6 +37,7 @@ from typing import Any
 import torch
 
 from colossus.config import TrainingConfig
+from colossus.errors import ConfigError
 
 GIB = 2**30
 
@@ -45,6 +56,9 @@ class Plan:
     fractions: dict[str, float] = field(default_factory=dict)  # the placement (auto: chosen)
     ppo_models: list[dict[str, Any]] = field(default_factory=list)  # rlhf.stage=ppo: per model
     ppo_pool: list[dict[str, Any]] = field(default_factory=list)  # ppo under chunk: per model
+    tp: int = 1
+    tp_mode: str = "1d"
+    local_params: float = 0.0  # parameters one rank holds (== params without tp)
 
     def total(self, tier: str) -> float:
         return sum(self.tiers.get(tier, {}).values())
@@ -142,19 +156,53 @@ def ppo_model_rows(cfg: TrainingConfig, n: int, hf: Any) -> list[dict[str, Any]]
     return rows
 
 
-def activation_bytes(hf: Any, batch: int, seq: int, checkpointing: bool) -> float:
-    """Per-rank activation memory of a transformer step (see the module docstring)."""
+def activation_bytes(
+    hf: Any, batch: int, seq: int, checkpointing: bool, tp: int = 1, tp_mode: str = "1d"
+) -> float:
+    """Per-rank activation memory of a transformer step (see the module docstring); ``batch``
+    is the micro-batch one tensor-parallel group reads."""
     h = getattr(hf, "hidden_size", None) or getattr(hf, "n_embd", None)
     layers = getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layer", None)
     heads = getattr(hf, "num_attention_heads", None) or getattr(hf, "n_head", None)
     vocab = getattr(hf, "vocab_size", 0)
     if not (h and layers and heads):
         return 0.0
-    per_layer = seq * batch * h * (34 + 5 * heads * seq / h) * 2  # fp32: twice the 16-bit bytes
-    logits = 3 * seq * batch * vocab * 4  # logits, their softmax and its gradient
-    if checkpointing:
-        return layers * seq * batch * h * 4 + per_layer + logits
+    grid = tp_mode != "1d"
+    if tp > 1 and not grid:  # Korthikanti et al. Table 2, tensor parallel (no sequence par.)
+        per_layer = seq * batch * h * (10 + 24 / tp + 5 * heads * seq / (h * tp)) * 2
+    else:  # fp32: twice the 16-bit bytes; the grid modes split every activation tp ways
+        per_layer = seq * batch * h * (34 + 5 * heads * seq / h) * 2 / (tp if grid else 1)
+    logits = 3 * seq * batch * vocab * 4 / tp  # logits, their softmax and its gradient
+    if checkpointing:  # the layer inputs: whole in 1D, split in the grid modes
+        return layers * seq * batch * h * 4 / (tp if grid else 1) + per_layer + logits
     return layers * per_layer + logits
+
+
+def tp_world_size(cfg: TrainingConfig, world_size: int) -> int:
+    """The world a ``strategy.tp`` run is planned for (1 = one tensor-parallel group)."""
+    tp = cfg.strategy.tp
+    if world_size == 1:
+        return tp
+    if world_size % tp:
+        ok = [tp * d for d in range(1, 5)]
+        raise ConfigError(
+            f"strategy.tp={tp} does not divide --world-size {world_size}; use a multiple of "
+            f"{tp} ({', '.join(map(str, ok))}, ...)"
+        )
+    return world_size
+
+
+def tp_local_params(model: Any, cfg: TrainingConfig) -> float:
+    """Parameters one rank holds under ``cfg.strategy.tp`` (a tied weight once)."""
+    from parallel.policies import PolicyError, shard_fractions
+    from parallel.topology import TopologyError
+
+    s = cfg.strategy
+    try:
+        frac = shard_fractions(model, s.tp, s.tp_mode, s.tp_depth)
+    except (PolicyError, TopologyError, NotImplementedError) as e:
+        raise ConfigError(f"strategy.tp={s.tp} ({s.tp_mode}): {e}") from None
+    return sum(p.numel() * frac[n] for n, p in model.named_parameters())
 
 
 def matmul_flops(seconds: float = 0.3) -> float:
@@ -175,9 +223,19 @@ def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
     tc = cfg.train
     tokens = tc.batch_size * cfg.data.block_size  # per rank per micro-batch
     ckpt = cfg.model.gradient_checkpointing
-    plan = Plan(params=n, world_size=world_size, strategy=cfg.strategy.name)
-    plan.step_flops = (8 if ckpt else 6) * n * tokens * tc.grad_accum
-    act = activation_bytes(hf, tc.batch_size, cfg.data.block_size, ckpt)
+    tp, mode = cfg.strategy.tp, cfg.strategy.tp_mode
+    if tp > 1 and cfg.strategy.name == "chunk":
+        raise ConfigError(
+            "strategy.tp > 1 does not compose with strategy.name=chunk yet; use "
+            "strategy.name=ddp (data parallel over world / tp)"
+        )
+    if tp > 1:
+        world_size = tp_world_size(cfg, world_size)
+    plan = Plan(params=n, world_size=world_size, strategy=cfg.strategy.name, tp=tp, tp_mode=mode)
+    plan.local_params = tp_local_params(model, cfg) if tp > 1 else n
+    # per rank: a tensor-parallel group shares one micro-batch's work tp ways
+    plan.step_flops = (8 if ckpt else 6) * n * tokens * tc.grad_accum / tp
+    act = activation_bytes(hf, tc.batch_size, cfg.data.block_size, ckpt, tp, mode)
     if cfg.rlhf.stage == "ppo":  # four models, each whole on every rank (none / ddp)
         plan.ppo_models = ppo_model_rows(cfg, n, hf)
         if cfg.strategy.name == "chunk":
@@ -186,11 +244,12 @@ def make_plan(cfg: TrainingConfig, world_size: int = 1) -> Plan:
         plan.tiers["device"] = {k: sum(r[k] for r in plan.ppo_models) for k in parts}
         plan.budgets = {"device": None}
         return plan
-    if cfg.strategy.name != "chunk":  # everything on the device, replicated on every rank
+    if cfg.strategy.name != "chunk":  # everything on the device, replicated on every dp rank
+        m = plan.local_params
         plan.tiers["device"] = {
-            "params": 4 * n,
-            "grads": 4 * n,
-            "optim_state": 8 * n,
+            "params": 4 * m,
+            "grads": 4 * m,
+            "optim_state": 8 * m,
             "activations": act,
         }
         plan.budgets = {"device": None}
@@ -324,9 +383,15 @@ def run_plan(cfg: TrainingConfig, world_size: int, disk_gbps: float | None) -> i
     from colossus.bench.common import print_table
 
     plan = make_plan(cfg, world_size)
+    tp = ""
+    if plan.tp > 1:
+        tp = (
+            f", tp={plan.tp} ({plan.tp_mode}) x dp={plan.world_size // plan.tp}: "
+            f"{plan.local_params / 1e9:.3f} B params per rank"
+        )
     print_table(
         f"plan: {cfg.name}, {plan.params / 1e9:.3f} B params, strategy {plan.strategy}, "
-        f"{world_size} rank(s), {plan.chunks} chunks (per rank)",
+        f"{plan.world_size} rank(s){tp}, {plan.chunks} chunks (per rank)",
         report_rows(plan),
     )
     if cfg.strategy.name == "chunk" and cfg.strategy.chunk.placement == "auto":

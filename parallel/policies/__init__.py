@@ -74,17 +74,7 @@ def parallelize(model: nn.Module, topology: Any, gather_logits: bool = False) ->
         raise PolicyError("the model is already parallelized")
     policy = policy_for(model)
     factory = make_factory(topology)
-    # heads (and 1D's splits) must divide by the parts a column layer's outputs are split in:
-    # tp in 1D, q in the grid modes (whose layers check their own block shapes)
-    try:
-        policy.check(model, factory.out_split)
-    except PolicyError as e:
-        if topology.tp_mode == "1d":
-            raise
-        raise PolicyError(
-            f"tp_mode={topology.tp_mode} splits heads over the grid side q={factory.out_split}, "
-            f"so 'tp' below means q: {e}"
-        ) from None
+    _check(policy, model, topology.tp_mode, factory.out_split)
     rules = policy.rules(model)
     vocab_loss = policy.vocab_parallel_loss and not gather_logits
     if not vocab_loss:
@@ -104,6 +94,62 @@ def parallelize(model: nn.Module, topology: Any, gather_logits: bool = False) ->
     # set through object: nn.Module would not register a plain object, but be explicit
     object.__setattr__(model, "_colossus_tp", plan)
     return model
+
+
+def _check(policy: Any, model: nn.Module, mode: str, out_split: int) -> None:
+    # heads (and 1D's splits) must divide by the parts a column layer's outputs are split in:
+    # tp in 1D, q in the grid modes (whose layers check their own block shapes)
+    try:
+        policy.check(model, out_split)
+    except PolicyError as e:
+        if mode == "1d":
+            raise
+        raise PolicyError(
+            f"tp_mode={mode} splits heads over the grid side q={out_split}, "
+            f"so 'tp' below means q: {e}"
+        ) from None
+
+
+def shard_fractions(
+    model: nn.Module, tp: int, tp_mode: str = "1d", tp_depth: int = 1
+) -> dict[str, float]:
+    """Per parameter name (``model.named_parameters()``, a tied weight once): the fraction of it
+    one rank holds after :func:`parallelize` over ``tp`` ranks in ``tp_mode`` (1.0 =
+    replicated). Needs no process group and no memory (``model`` may be on ``meta``): it is
+    what ``colossus plan`` uses. Raises what :func:`parallelize` would refuse: a bad grid shape
+    (``TopologyError``), sizes ``tp`` does not divide or tied embeddings in a grid mode
+    (:class:`PolicyError`), a layer kind the mode lacks (``NotImplementedError``).
+
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8)
+    >>> f = shard_fractions(GPT2LMHeadModel(cfg), tp=2)
+    >>> f["transformer.h.0.attn.c_attn.weight"], f["transformer.h.0.attn.c_proj.bias"]
+    (0.5, 1.0)
+    """
+    from parallel.tensor.grid import check_shape
+    from parallel.topology import check_tp_shape
+
+    check_tp_shape(tp, tp_mode, tp_depth)  # no Topology: it would build process groups
+    cls = FACTORIES[tp_mode]
+    policy = policy_for(model)
+    _check(policy, model, tp_mode, tp if tp_mode == "1d" else check_shape(tp_mode, tp, tp_depth))
+    fractions = {n: 1.0 for n, _ in model.named_parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    ruled: dict[int, str] = {}
+    for rule in policy.rules(model):
+        if rule.kind == "dense" and tp_mode == "3d":
+            raise NotImplementedError(LayerFactoryGrid.DENSE_3D)
+        for pname, p in model.get_submodule(rule.path).named_parameters(recurse=False):
+            key = f"{rule.path}.{pname}"
+            if id(p) in ruled and not cls.supports_tied_embeddings:
+                raise PolicyError(
+                    f"tp_mode={tp_mode}: {ruled[id(p)]} is tied to {key}, but this mode "
+                    "splits them differently; build the model with tie_word_embeddings=False "
+                    "(or use tp_mode=1d)"
+                )
+            ruled[id(p)] = key
+            fractions[names[id(p)]] = cls.shard_fraction(rule.kind, pname, tp)
+    return fractions
 
 
 def tp_plan(model: nn.Module) -> TPPlan | None:
@@ -128,6 +174,7 @@ __all__ = [
     "gather_state_dict",
     "consolidate",
     "full_logits",
+    "shard_fractions",
     "tp_plan",
     "policy_for",
     "register_factory",

@@ -125,6 +125,12 @@ class LayerFactory:
         """Per parameter name of the built module: how ranks' tensors rebuild the full one."""
         raise NotImplementedError
 
+    @classmethod
+    def shard_fraction(cls, kind: str, pname: str, tp: int) -> float:
+        """Fraction of parameter ``pname`` of a ``kind`` layer one rank holds (1.0: replicated);
+        answered without building anything, for memory plans (``colossus plan``)."""
+        raise NotImplementedError
+
 
 class LayerFactory1D(LayerFactory):
     """Megatron-LM 1D: column / row linears, vocabulary-parallel embedding and head."""
@@ -164,6 +170,13 @@ class LayerFactory1D(LayerFactory):
         if rule.kind == "embedding":
             return {"weight": KeyLayout(0, tp)}
         return {}
+
+    @classmethod
+    def shard_fraction(cls, kind, pname, tp):
+        # as layouts(): column / head / embedding split every parameter, row only its weight
+        if kind in ("column", "head", "embedding") or (kind == "row" and pname == "weight"):
+            return 1.0 / tp
+        return 1.0
 
 
 FACTORIES: dict[str, type[LayerFactory]] = {"1d": LayerFactory1D}

@@ -82,15 +82,23 @@ class LayerFactoryGrid(LayerFactory):
     def position(self, emb):
         return self.embedding(emb)  # ids [1, S] broadcast over the batch rows
 
+    DENSE_3D = (
+        "tp_mode=3d: a hidden -> hidden dense outside the column/row pairs (BERT's MLM "
+        "transform); use 2d or 2.5d"
+    )
+
     def dense(self, linear):
         from parallel.tensor import make_linear
 
         if self.mode == "3d":  # its output would be in layout "b", off the residual stream
-            raise NotImplementedError(
-                "tp_mode=3d: a hidden -> hidden dense outside the column/row pairs (BERT's MLM "
-                "transform); use 2d or 2.5d"
-            )
+            raise NotImplementedError(self.DENSE_3D)
         return self._marked(make_linear(self.grid, linear, "a"), linear)
+
+    @classmethod
+    def shard_fraction(cls, kind, pname, tp):
+        # every grid layer (norms and position embeddings too) splits each parameter in tp
+        # disjoint blocks: over the q x q (x depth / x q) grid, not replicated anywhere
+        return 1.0 / tp
 
     def head(self, linear, gather_output):
         from parallel.tensor import gather_output as gather

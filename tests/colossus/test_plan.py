@@ -89,3 +89,62 @@ def test_measured_peak_stays_within_the_plan(tmp_path):
             peak,
             planned,
         )
+
+
+def _tp_cfg(*sets: str) -> TrainingConfig:
+    return TrainingConfig.from_yaml("recipes/gpt2-tiny.yaml", ["strategy.name=ddp", *sets])
+
+
+def test_plan_tensor_parallel_splits_model_state(capsys):
+    """strategy.tp: params / grads / AdamW state per rank follow the layers each mode splits
+    (a closed form for GPT-2 in 1D; everything 1/tp in 2d), activations and compute shrink.
+    That the plan equals the measured bytes per rank is checked in test_tp_strategy.py."""
+    one = make_plan(_tp_cfg(), 1)
+    t2 = make_plan(_tp_cfg("strategy.tp=2"), 4)
+    h, L, V, P, t = 256, 4, 4096, 128, 2  # the recipe's GPT-2 (wte tied to lm_head)
+    # 1D: c_attn, c_fc (weight + bias), both c_proj weights and wte split; the c_proj biases,
+    # layer norms and wpe whole on every rank
+    local = L * (12 * h * h + 7 * h) / t + L * 6 * h + V * h / t + P * h + 2 * h
+    assert (t2.params, t2.local_params, t2.tp, t2.world_size) == (one.params, local, 2, 4)
+    dev = t2.tiers["device"]
+    assert (dev["params"], dev["grads"], dev["optim_state"]) == (4 * local, 4 * local, 8 * local)
+    assert t2.step_flops == one.step_flops / 2
+    assert dev["activations"] < one.tiers["device"]["activations"]
+    untied = "model.config.tie_word_embeddings=false"
+    g = make_plan(_tp_cfg(untied, "strategy.tp=4", "strategy.tp_mode=2d"), 1)  # world = tp
+    full = make_plan(_tp_cfg(untied), 1)
+    assert g.world_size == 4 and g.local_params == full.params / 4
+    assert g.tiers["device"]["activations"] == full.tiers["device"]["activations"] / 4
+    assert (
+        main(["plan", "recipes/gpt2-tiny.yaml", "--set", "strategy.tp=2", "--world-size", "4"]) == 0
+    )
+    assert "tp=2 (1d) x dp=2" in capsys.readouterr().out.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    ("sets", "world", "msg"),
+    [
+        (["strategy.tp=4"], 6, "strategy.tp=4 does not divide --world-size 6; use a multiple of 4"),
+        (["strategy.tp=4", "strategy.tp_mode=2d"], 4, "build the model with tie_word_embeddings=False"),
+        (["strategy.tp=2", "strategy.tp_mode=2d"], 2, "tp_mode=2d needs tp to be a square"),
+        (["strategy.tp=3"], 3, "does not divide n_head=4"),
+        (["strategy.tp=2", "strategy.name=chunk"], 2, "does not compose with strategy.name=chunk"),
+    ],
+)  # fmt: skip
+def test_plan_tensor_parallel_refuses_what_training_would(sets, world, msg):
+    from colossus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(msg)):
+        make_plan(_tp_cfg(*sets), world)
+
+
+def test_plan_llama_head_dim_follows_hidden_size():
+    """model.config overrides of hidden_size / heads re-derive Llama's head_dim (the planned
+    model is the one a direct LlamaConfig builds, not one with the 4096/32 default head_dim)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128}  # fmt: skip
+    cfg = TrainingConfig(model={"arch": "llama", "config": kw})
+    want = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**kw)).parameters())
+    assert make_plan(cfg, 1).params == want

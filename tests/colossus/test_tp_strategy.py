@@ -3,7 +3,8 @@ tp=4, and tp_mode=2d at tp=4 on an untied GPT-2) on 4 gloo ranks gives the per-s
 (clipped) global gradient norms of single-process training at the same global batch within 1e-4,
 on every rank (LAMB at tp=4 too); evaluation gives the same loss; resuming from a step-5 checkpoint continues with
 the same losses; `colossus export` of the tp checkpoint is a from_pretrained folder with the
-reference model's logits; each rank holds 1/tp of every split layer. One 4-rank spawn.
+reference model's logits; each rank holds 1/tp of every split layer, and the parameter and
+AdamW bytes per rank `colossus plan` predicts are the measured ones. One 4-rank spawn.
 And tp_mode=2d (tp=4) x dp=2 on 8 ranks for GPT-2 and Llama (one 8-rank spawn)."""
 
 from __future__ import annotations
@@ -60,6 +61,36 @@ def _hist(t: Trainer) -> dict:
     }
 
 
+def _measured_bytes(t: Trainer) -> tuple[int, int]:
+    """(parameter bytes, AdamW state bytes) this rank holds."""
+    params = sum(p.numel() * p.element_size() for p in t.model.parameters())
+    state = sum(
+        v.numel() * v.element_size()
+        for st in t.optimizer.state.values()
+        for k, v in st.items()
+        if torch.is_tensor(v) and k != "step"
+    )
+    return params, state
+
+
+TINY = {  # the test models as `model:` config sections, for `colossus plan`
+    "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 128, "n_positions": 32},
+    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128,
+              "max_position_embeddings": 32, "tie_word_embeddings": False},
+}  # fmt: skip
+
+
+def _planned_bytes(arch: str, tp: int, mode: str, world: int, tied: bool = True):
+    """(parameter bytes, optimizer state bytes) per rank that `colossus plan` predicts."""
+    from colossus.plan import make_plan
+
+    model = {"arch": arch, "config": TINY[arch] | ({} if tied else {"tie_word_embeddings": False})}
+    cfg = TrainingConfig(model=model, strategy={"name": "ddp", "tp": tp, "tp_mode": mode})
+    dev = make_plan(cfg, world).tiers["device"]
+    return dev["params"], dev["optim_state"]
+
+
 def _worker(out: str):
     out = Path(out)
     r, w = dist.get_rank(), dist.get_world_size()
@@ -82,6 +113,7 @@ def _worker(out: str):
     b = Trainer(tiny_gpt2(), _config(out / "b", batch=4, tp=4), train_dataset=token_blocks())
     b.train()
     res["b"] = _hist(b)
+    res["b_bytes"] = _measured_bytes(b)
     c = Trainer(
         tiny_gpt2(seed=5),  # other weights: everything must come from the checkpoint
         _config(
@@ -98,6 +130,7 @@ def _worker(out: str):
     )
     d.train()
     res["d"] = _hist(d)
+    res["d_bytes"] = _measured_bytes(d)
     e = Trainer(  # LAMB: trust ratios from whole-parameter norms (summed over the tp group)
         tiny_gpt2(), _config(out / "e", batch=4, tp=4, optim="lamb"), train_dataset=token_blocks()
     )
@@ -121,7 +154,12 @@ def test_tp_trainer_matches_single_process(tmp_path):
     ref_e.train()
     want_e = _hist(ref_e)
     res = spawn(_worker, 4, tmp_path / "spawn", str(tmp_path / "spawn"))
+    # `colossus plan` predicts each rank's parameter and AdamW bytes exactly (a tied wte once)
+    plan_b = _planned_bytes("gpt2", 4, "1d", 4)
+    plan_d = _planned_bytes("gpt2", 4, "2d", 4, tied=False)
+    assert plan_b[0] < _planned_bytes("gpt2", 1, "1d", 1)[0] / 2
     for rank, got in enumerate(res):
+        assert got["b_bytes"] == plan_b and got["d_bytes"] == plan_d, (rank, plan_b, plan_d)
         for run in ("a", "b"):
             assert got[run]["loss"] == pytest.approx(want["loss"], abs=1e-4), (rank, run)
             assert got[run]["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (rank, run)
@@ -184,6 +222,7 @@ def _grid_dp_worker(out: str):
             "dims": (t.strategy.data_rank, t.strategy.data_world, t.global_batch),
             "eval": t.evaluate(token_blocks(16, seed=9))["eval_loss"],
             "ddp": type(t.engine).__name__,
+            "bytes": _measured_bytes(t),
         }
     return res
 
@@ -212,6 +251,7 @@ def test_tp_2d_times_dp2_eight_ranks(tmp_path):
             assert g["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (rank, arch)
             assert g["eval"] == pytest.approx(want_eval, abs=1e-4), (rank, arch)
             assert g["dims"] == (rank // 4, 2, 4) and g["ddp"] == "DistributedDataParallel"
+            assert g["bytes"] == _planned_bytes(arch, 4, "2d", 8, tied=False), (rank, arch)
         ck = tmp_path / f"spawn/{arch}/checkpoints/step-{STEPS:08d}"
         assert sorted(p.name for p in ck.glob("tp-rank*")) == [
             f"tp-rank{i:05d}-of-00004.safetensors" for i in range(4)
