@@ -322,7 +322,13 @@ def test_ppo_under_chunk_matches_none_within_one_shared_budget(chain, tmp_path):
     short = ["train.max_steps=3", "rlhf.ppo.rollout_batch=8", "rlhf.ppo.minibatch=4"]
     short += ["rlhf.eval_samples=8"]
     out = {}
-    for name, extra in (("none", []), ("chunk", [*PPO_CHUNK, *BUDGETS])):
+    nvme = ["strategy.chunk.offload_optim_frac=1.0", "strategy.chunk.nvme_optim_frac=1.0"]
+    nvme += [f"strategy.chunk.nvme_dir={tmp_path}"]
+    for name, extra in (
+        ("none", []),
+        ("chunk", [*PPO_CHUNK, *BUDGETS]),
+        ("nvme", [*PPO_CHUNK, *BUDGETS, *nvme]),  # actor / critic AdamW state in NVMe files
+    ):
         cfg = _cfg(
             "ppo",
             tmp,
@@ -337,11 +343,13 @@ def test_ppo_under_chunk_matches_none_within_one_shared_budget(chain, tmp_path):
     # frozen reward model gives the same scores). The updates differ only in the order the
     # clipping norm is summed (per chunk shard vs per parameter, ~1e-7 relative), which moves
     # log-probs, KL and losses by ~1e-6 relative after an update (measured: <= 2e-7 absolute).
-    for a, b in zip(out["none"]["history"], out["chunk"]["history"], strict=True):
-        assert b["reward"] == a["reward"] and b["parse_rate"] == a["parse_rate"]
-        assert b["response_tokens"] == a["response_tokens"]
-        for k in ("kl", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"):
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+    for run in ("chunk", "nvme"):
+        for a, b in zip(out["none"]["history"], out[run]["history"], strict=True):
+            assert b["reward"] == a["reward"] and b["parse_rate"] == a["parse_rate"]
+            assert b["response_tokens"] == a["response_tokens"]
+            for k in ("kl", "policy_loss", "value_loss", "entropy", "clip_frac", "approx_kl"):
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (run, k)
+    assert out["nvme"]["memory"]["host"]["members"]["actor"]["optim_state"] <= 64  # steps only
     assert out["chunk"]["eval_reward_before"] == out["none"]["eval_reward_before"]
     # the pool's report: every model's chunks within the one budget (a CPU box: device and host
     # are one RAM, so the host budget covers both)
