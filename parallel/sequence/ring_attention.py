@@ -6,7 +6,15 @@ the forward, each started before the current block is computed so the transfer o
 Per block the partial output and its row log-sum-exp (LSE) are merged into the running ones:
 ``lse = logaddexp(lse, lse_b); out = out e^(lse_old - lse) + out_b e^(lse_b - lse)``.
 The backward stores only ``q, k, v``, the output and the LSE, recomputes each block's
-probabilities and sends ``dK, dV`` accumulators around the ring with the blocks.
+probabilities and adds each block's ``dK, dV`` in place into an accumulator that follows the block
+around the ring (one hop between two blocks) and comes home.
+
+Memory per rank (the bench's ``B H (L/P) D`` block as unit; ``colossus bench sp``): the kernel
+holds one ``(B, H, tile, nk)`` score tile in the forward and two (``P``, ``dP``) in the backward,
+each freed before the next tile's; the ring adds the block being computed on and the next one
+being received (two stacked K/V pairs = 4 blocks) to what one process holds, and the dK/dV
+accumulator takes the place of one process's dK, dV. Those 4 blocks are what overlapping each
+transfer with a block's compute costs: a rank's own ``k, v`` stay alive (they are its inputs).
 
 Causal masking uses the zigzag layout (:mod:`parallel.sequence.data`): rank ``r`` holds chunks
 ``r`` and ``2P-1-r``, so every rank computes one diagonal block (3/4 of it) and ``P-1`` half
@@ -38,18 +46,18 @@ from parallel.sequence._ring import Ring, check_qkv, check_zigzag, gather_key_ma
 DEFAULT_Q_TILE = 512
 
 
-def _keep(causal: bool, kpm: torch.Tensor | None, i0: int, t: int, nk: int, device):
-    """Bool mask (broadcastable to (B, H, t, nk)) of the scores to keep, or None for all."""
-    keep = None
+def _hide(causal: bool, kpm: torch.Tensor | None, i0: int, t: int, nk: int, device):
+    """Bool mask (broadcastable to (B, H, t, nk)) of the scores to drop, or None for none."""
+    hide = None
     if causal:  # square, aligned sub-block: key j visible to query i iff j <= i
-        keep = (
+        hide = (
             torch.arange(nk, device=device)[None, :]
-            <= torch.arange(i0, i0 + t, device=device)[:, None]
+            > torch.arange(i0, i0 + t, device=device)[:, None]
         )
     if kpm is not None:
-        km = kpm[:, None, None, :]
-        keep = km if keep is None else keep & km
-    return keep
+        km = ~kpm[:, None, None, :]
+        hide = km if hide is None else hide | km
+    return hide
 
 
 def _safe(lse: torch.Tensor) -> torch.Tensor:
@@ -57,45 +65,58 @@ def _safe(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
 
 
-def block_forward(q, k, v, causal: bool, kpm, scale: float, tile: int = DEFAULT_Q_TILE):
-    """Softmax attention of ``q`` over one key block: ``(out, lse)`` with ``out`` normalised over
-    this block only. Hand-written in plain torch because ``scaled_dot_product_attention`` does not
-    return the LSE on CPU through its public API (and its private kernels differ per device)."""
+def _scores(q, kt, causal, kpm, scale, i0, t, nk):
+    """The (B, H, t, nk) fp32-or-input-dtype score tile of query rows i0..i0+t, masked at -inf."""
+    s = torch.matmul(q[..., i0 : i0 + t, :], kt).mul_(scale)
+    hide = _hide(causal, kpm, i0, t, nk, q.device)
+    if hide is not None:
+        s.masked_fill_(hide, float("-inf"))
+    return s
+
+
+def block_forward(q, k, v, causal: bool, kpm, scale: float, out, lse, tile: int = DEFAULT_Q_TILE):
+    """Merge the softmax attention of ``q`` over one key block into the running ``out`` and its
+    row log-sum-exp ``lse`` (both updated in place), one query tile at a time: the tile's
+    ``(B, H, tile, nk)`` scores are the only large temporary (freed before the next tile), the
+    rest is ``(B, H, tile, D)``. Hand-written in plain torch because
+    ``scaled_dot_product_attention`` does not return the LSE on CPU through its public API (and
+    its private kernels differ per device)."""
     nq, nk = q.shape[-2], k.shape[-2]
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:-1], dtype=q.dtype, device=q.device)
     kt = k.transpose(-1, -2)
     for i0 in range(0, nq, tile):
         t = min(tile, nq - i0)
-        s = torch.matmul(q[..., i0 : i0 + t, :], kt).mul_(scale)
-        keep = _keep(causal, kpm, i0, t, nk, q.device)
-        if keep is not None:
-            s.masked_fill_(~keep, float("-inf"))
-        m = torch.logsumexp(s, dim=-1)
-        lse[..., i0 : i0 + t] = m
-        s.sub_(_safe(m).unsqueeze(-1)).exp_()
-        out[..., i0 : i0 + t, :] = torch.matmul(s, v)
-    return out, lse
+        s = _scores(q, kt, causal, kpm, scale, i0, t, nk)
+        m = _safe(s.amax(-1))
+        p = s.sub_(m.unsqueeze(-1)).exp_()
+        lse_b = p.sum(-1, dtype=lse.dtype).log_().add_(m)  # -inf for rows with no visible key
+        o = torch.matmul(p, v).to(out.dtype)  # unnormalised: sum_j e^(s_ij - m_i) v_j
+        del s, p
+        # out <- out e^(lse - new) + o e^(m - new): o e^(m - new) = (o / l) e^(lse_b - new)
+        o_t, lse_t = out[..., i0 : i0 + t, :], lse[..., i0 : i0 + t]
+        new = torch.logaddexp(lse_t, lse_b)
+        ns = _safe(new)
+        o_t.mul_(torch.exp(lse_t - ns).unsqueeze(-1)).add_(o.mul_(torch.exp(m - ns).unsqueeze(-1)))
+        lse_t.copy_(new)
 
 
 def block_backward(q, k, v, do, lse, delta, causal, kpm, scale, dq, dk, dv, tile=DEFAULT_Q_TILE):
     """Add one block's gradients into ``dq`` (rows of ``q``), ``dk``, ``dv`` (rows of the key
-    block), recomputing the probabilities from the final ``lse`` of each query row."""
+    block), recomputing the probabilities from the final ``lse`` of each query row. Two score
+    tiles are alive at once (``P`` and ``dP``); each is freed before the next tile's."""
     nq, nk = q.shape[-2], k.shape[-2]
     kt = k.transpose(-1, -2)
     for i0 in range(0, nq, tile):
         t = min(tile, nq - i0)
         qi, doi = q[..., i0 : i0 + t, :], do[..., i0 : i0 + t, :]
-        s = torch.matmul(qi, kt).mul_(scale)
-        keep = _keep(causal, kpm, i0, t, nk, q.device)
-        if keep is not None:
-            s.masked_fill_(~keep, float("-inf"))
+        s = _scores(q, kt, causal, kpm, scale, i0, t, nk)
         p = s.sub_(_safe(lse[..., i0 : i0 + t]).unsqueeze(-1)).exp_()
         dv.add_(torch.matmul(p.transpose(-1, -2), doi))
         dp = torch.matmul(doi, v.transpose(-1, -2))
         ds = p.mul_(dp.sub_(delta[..., i0 : i0 + t].unsqueeze(-1))).mul_(scale)
+        del dp
         dq[..., i0 : i0 + t, :].add_(torch.matmul(ds, k))
         dk.add_(torch.matmul(ds.transpose(-1, -2), qi))
+        del s, p, ds
 
 
 def block_plan(rank: int, src: int, n: int, causal: bool, layout: str):
@@ -117,36 +138,37 @@ def block_plan(rank: int, src: int, n: int, causal: bool, layout: str):
     return [(h1, full, False)]  # only chunk 2P-1-r sees anything of a later rank: all of it
 
 
-def _merge(out, lse, o_b, lse_b):
-    new = torch.logaddexp(lse, lse_b)
-    s = _safe(new)
-    out.mul_(torch.exp(lse - s).unsqueeze(-1)).add_(o_b * torch.exp(lse_b - s).unsqueeze(-1))
-    lse.copy_(new)
-
-
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, kpm_all, layout, scale, tile):
         ring = Ring(group)
         n = q.shape[-2]
-        out = torch.zeros_like(q)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+        # the running output and LSE are merged P times: kept in fp32 for bf16 / fp16 inputs
+        # (an LSE rounded to bf16 is off by up to 2^-8 |lse|, which exp(s - lse) amplifies)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
 
         def step(src, kv):
             kpm = None if kpm_all is None else kpm_all[src]
             for qs, ks, c in block_plan(ring.rank, src, n, causal, layout):
-                o_b, lse_b = block_forward(
+                block_forward(
                     q[..., qs, :],
                     kv[0][..., ks, :],
                     kv[1][..., ks, :],
                     c,
                     None if kpm is None else kpm[:, ks],
                     scale,
+                    out[..., qs, :],
+                    lse[..., qs],
                     tile,
                 )
-                _merge(out[..., qs, :], lse[..., qs], o_b, lse_b)
 
-        ring.loop(torch.stack([k, v]), step)
+        if ring.world == 1:  # computes on k, v themselves: no stacked copy
+            step(0, (k, v))
+        else:  # K, V travel as one stacked block
+            ring.loop([k, v], step)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (ring, causal, kpm_all, layout, scale, tile)
         return out
@@ -157,12 +179,11 @@ class _RingAttention(torch.autograd.Function):
         ring, causal, kpm_all, layout, scale, tile = ctx.args
         n = q.shape[-2]
         dout = dout.contiguous()
-        delta = (dout * out).sum(-1)
-        dq = torch.zeros_like(q)
+        delta = (dout * out).sum(-1, dtype=lse.dtype)
+        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
 
-        def step(src, kv):
+        def step(src, kv, dkv):
             kpm = None if kpm_all is None else kpm_all[src]
-            dkv = torch.zeros_like(kv)
             for qs, ks, c in block_plan(ring.rank, src, n, causal, layout):
                 block_backward(
                     q[..., qs, :],
@@ -179,10 +200,9 @@ class _RingAttention(torch.autograd.Function):
                     dkv[1][..., ks, :],
                     tile,
                 )
-            return dkv
 
-        dkv = ring.loop(torch.stack([k, v]), step, accumulate=True)
-        return dq, dkv[0], dkv[1], None, None, None, None, None, None
+        dkv = ring.loop_into([k, v], step)  # dK, dV accumulated in place as they travel
+        return dq.to(q.dtype), dkv[0], dkv[1], None, None, None, None, None, None
 
 
 def ring_attention(

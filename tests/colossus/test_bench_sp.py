@@ -1,6 +1,7 @@
 """``colossus bench sp`` end to end on tiny sizes: the JSON holds a row per (variant, L, sp), the
 bytes sent equal the closed forms on every rank, sp=2 needs less memory per rank than one
-process for ring attention, impossible configs are rows with the reason, and the plot is drawn."""
+process for ring attention (and at most 4 blocks more than one process with as many tokens),
+impossible configs are rows with the reason, and the plot is drawn."""
 
 import json
 
@@ -34,4 +35,14 @@ def test_bench_sp_tiny(tmp_path):
         assert two["peak_mib"] < one["peak_mib"]
         # (6 sp - 4) blocks of B H (L/sp) D fp32: 8 * 1 * 3 * L/2 * 8 * 4 bytes
         assert two["sent_mib"] * 2**20 == 8 * 3 * (L // 2) * 8 * 4
+    # per-rank peak of ring attention with n = 256 tokens per rank, in blocks of B H n D fp32:
+    # one process holds q, k, v, dO, out, dQ, dK, dV (8 blocks), row vectors (LSE, delta: 1/8
+    # block each) and, in the backward, two (B, H, tile, n) score tiles (P and dP; a stale tile
+    # kept from the previous query tile would add a third); the ring adds the K/V pair computed
+    # on and the next one being received (4 blocks), the dK/dV accumulator replaces dK, dV
+    blk, tile = 3 * 256 * 8 * 4, 3 * 32 * 256 * 4
+    one = rows[("ring_attention", 256, 1)]["peak_mib"] * 2**20
+    two = rows[("ring_attention", 512, 2)]["peak_mib"] * 2**20
+    assert one <= 8 * blk + 2 * tile + blk / 2, one / blk
+    assert two <= one + 4 * blk, (two - one) / blk
     assert png.stat().st_size > 10_000
