@@ -106,6 +106,7 @@ def build_chunk_trust_optimizer(mgr: ChunkManager, cfg: OptimConfig) -> torch.op
         exclude_from_adaptation=cfg.exclude_from_adaptation,
         max_grad_norm=cfg.max_grad_norm,
         norm_reducer=_comm_reducer,
+        fused=cfg.fused,
     )
     try:
         if cfg.name == "lamb":

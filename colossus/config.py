@@ -83,7 +83,7 @@ class DataConfig(_Section):
 
 _OPTIM_ONLY: dict[str, tuple[str, ...]] = {
     # options that mean something for some optimizers only; setting one for another is an error
-    "fused": ("adamw",),
+    "fused": ("adamw", "lamb", "lars"),
     "bias_correction": ("lamb",),
     "phi_min": ("lamb",),
     "phi_max": ("lamb",),
@@ -118,7 +118,10 @@ class OptimConfig(_Section):
     eps: float | None = Field(None, ge=0)
     """None = 1e-8 for adamw, the paper's 1e-6 for lamb, 0 for lars (added to its denominator)."""
     fused: bool | None = None
-    """adamw: None = fused kernel where torch has one for the device (CPU and CUDA in torch >= 2.4)."""
+    """adamw: None = fused kernel where torch has one for the device (CPU and CUDA in torch >= 2.4).
+    lamb / lars: the kernels ``torch.compile`` builds (:mod:`offload.trust_fused`: LAMB in two
+    passes over memory instead of 14 element accesses per parameter); None = on CPU when they
+    compile (else one warning and the multi-tensor path), true = required, false = never."""
     # ---- lamb / lars: which parameters are adapted and decayed
     exclude: list[str] = Field(default_factory=lambda: ["bias", "norm", "ln_"])
     """Regexes of parameter names with no weight decay (and, with exclude_from_adaptation, no

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import trust_fused
 from .chunk import Chunk
 from .manager import ChunkManager
 from .optim import ChunkOptimizer
@@ -58,6 +59,7 @@ class ChunkTrustOptimizer(ChunkOptimizer):
         exclude_from_adaptation: bool = True,
         max_grad_norm: float | None = None,
         norm_reducer: NormReducer | None = None,
+        fused: bool | None = None,
     ) -> None:
         nvme = [c.index for c in mgr.chunks if "nvme" in (c.optim_tier, c.param_tier)]
         if nvme:
@@ -73,6 +75,7 @@ class ChunkTrustOptimizer(ChunkOptimizer):
             if g["name"] == "no_decay":
                 g["exclude_from_adaptation"] = exclude_from_adaptation
         self.max_grad_norm = max_grad_norm
+        self.fused = fused
         self.norm_reducer = norm_reducer or (lambda sq, columns: mgr._all_reduce(sq))
         self.columns = [s.name for c in mgr.chunks if c.requires_grad for s in c.slots]
         self._col = {n: i for i, n in enumerate(self.columns)}
@@ -81,7 +84,22 @@ class ChunkTrustOptimizer(ChunkOptimizer):
         """Phase 1: update state, return per chunk the tensor whose norm goes in row 1."""
         raise NotImplementedError  # pragma: no cover
 
-    def apply(self, chunks, group, segs, w, d, ratio) -> None:
+    def phase1(self, chunks: list[Chunk], group: dict[str, Any]) -> tuple:
+        """Phase 1 of one group: ``(segs, w, d, sq, ctx)``, per segment its weight view ``w``
+        and either the view ``d`` whose norm goes in row 1 (``sq`` None) or, from a fused
+        kernel, its partial squares ``sq`` (``d`` None); ``ctx`` goes to :meth:`apply`.
+        Default: :meth:`direction` over whole shards, norms of the segment views."""
+        ds = self.direction(chunks, group)
+        segs, w, d = [], [], []
+        for c, dt in zip(chunks, ds):
+            for s in c.segments:
+                a, b = s.offset_in_shard, s.offset_in_shard + s.length
+                segs.append(s)
+                w.append(c.master[a:b])
+                d.append(dt[a:b])
+        return segs, w, d, [None] * len(segs), None
+
+    def apply(self, chunks, group, segs, w, d, ratio, ctx=None) -> None:
         """Phase 2: update the segment views ``w`` (with ``d`` from phase 1) by ``ratio``."""
         raise NotImplementedError  # pragma: no cover
 
@@ -107,34 +125,36 @@ class ChunkTrustOptimizer(ChunkOptimizer):
             by_group.setdefault(id(g), (g, []))[1].append(c)
         # phase 1: directions and the partial squares of every segment of every shard
         plan = []
-        w_views, d_views, cols = [], [], []
+        w_views, d_views, cols, fused_sq, fused_cols = [], [], [], [], []
         for g, cs in by_group.values():
-            ds = self.direction(cs, g)
-            segs, w, d = [], [], []
-            for c, dt in zip(cs, ds):
-                for s in c.segments:
-                    a, b = s.offset_in_shard, s.offset_in_shard + s.length
-                    segs.append(s)
-                    w.append(c.master[a:b])
-                    d.append(dt[a:b])
+            segs, w, d, part, ctx = self.phase1(cs, g)
+            for s, wv, dv, sq2 in zip(segs, w, d, part):
+                if sq2 is None:
+                    w_views.append(wv)
+                    d_views.append(dv)
                     cols.append(self._col[s.name])
-            plan.append((g, cs, segs, w, d))
-            w_views += w
-            d_views += d
+                else:
+                    fused_sq.append(sq2)
+                    fused_cols.append(self._col[s.name])
+            plan.append((g, cs, segs, w, d, ctx))
         if w_views:
             index = torch.tensor(cols, device=w_views[0].device)
             sq = column_sq_norms([w_views, d_views], index, len(self.columns))
         else:
             sq = torch.zeros(2, len(self.columns), device=mgr.device)
+        if fused_sq:
+            sq = sq.to(fused_sq[0].device)
+            idx = torch.tensor(fused_cols, device=sq.device)
+            sq.index_add_(1, idx, torch.stack(fused_sq, 1))
         self.norm_reducer(sq, self.columns)  # ONE collective completes every norm
         # phase 2: each segment with its whole parameter's ratio
-        for g, cs, segs, w, d in plan:
+        for g, cs, segs, w, d, ctx in plan:
             if not segs:
                 continue
             idx = torch.tensor([self._col[s.name] for s in segs], device=sq.device)
             ratio = self.ratio(sq[0], sq[1], g)
             ratio = torch.ones(len(segs), device=sq.device) if ratio is None else ratio[idx]
-            self.apply(cs, g, segs, w, d, ratio)
+            self.apply(cs, g, segs, w, d, ratio, ctx)
         for c in todo:
             unused, vals = saved[c.index]
             self._restore(c, unused, vals)
@@ -168,6 +188,7 @@ class ChunkLamb(ChunkTrustOptimizer):
         exclude_from_adaptation: bool = True,
         max_grad_norm: float | None = None,
         norm_reducer: NormReducer | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             mgr,
@@ -184,7 +205,59 @@ class ChunkLamb(ChunkTrustOptimizer):
             exclude_from_adaptation,
             max_grad_norm,
             norm_reducer,
+            fused,
         )
+
+    def phase1(self, chunks, group):
+        """Fused path: pass 1 of :mod:`offload.trust_fused` on every large segment (moments
+        and partial squares in one read; the gradient shard is not written); the small
+        segments go through one multi-tensor :func:`lamb_direction_` call as before."""
+        if not chunks or not trust_fused.want_fused(self.fused, chunks[0].master.device):
+            return super().phase1(chunks, group)
+        mgr = self.mgr
+        steps = [mgr.alloc_state(c, "step") for c in chunks]
+        torch._foreach_add_(steps, 1.0)
+        b1, b2 = group["betas"]
+        hp = trust_fused.lamb_hparams(
+            b1, b2, group["eps"], group["weight_decay"], device=chunks[0].master.device
+        )
+        coefs = trust_fused.lamb_bias_coefs(
+            torch.stack(steps), b1, b2, group["bias_correction"]
+        ).unbind()
+        segs, w, d, part, ctx = [], [], [], [], []
+        small: list[list] = [[], [], [], [], []]  # grads, m, v, w, steps
+        for c, st, cf in zip(chunks, steps, coefs):
+            m, v = mgr.alloc_state(c, "exp_avg"), mgr.alloc_state(c, "exp_avg_sq")
+            for s in c.segments:
+                a, b = s.offset_in_shard, s.offset_in_shard + s.length
+                views = (c.master[a:b], c.grad_shard[a:b], m[a:b], v[a:b])
+                segs.append(s)
+                w.append(views[0])
+                if trust_fused.fusable(*views):
+                    part.append(trust_fused.lamb_pass1_(*views, hp, cf))
+                    d.append(None)
+                    ctx.append((views[2], views[3], cf))
+                else:
+                    part.append(None)
+                    d.append(views[1])  # written in place below: d = -(r + wd w)
+                    ctx.append(None)
+                    for lst, x in zip(small, (views[1], views[2], views[3], views[0], st)):
+                        lst.append(x)
+        if small[0]:
+            lamb_direction_(
+                small[0],
+                small[0],
+                small[1],
+                small[2],
+                small[3],
+                small[4],
+                beta1=b1,
+                beta2=b2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                bias_correction=group["bias_correction"],
+            )
+        return segs, w, d, part, (hp, ctx)
 
     def direction(self, chunks, group):
         steps = []
@@ -214,8 +287,22 @@ class ChunkLamb(ChunkTrustOptimizer):
             return None
         return lamb_trust_ratio(w_sq, d_sq, group["phi_min"], group["phi_max"], group["trust_clip"])
 
-    def apply(self, chunks, group, segs, w, d, ratio) -> None:
-        torch._foreach_addcmul_(w, d, list((ratio * group["lr"]).unbind()))
+    def apply(self, chunks, group, segs, w, d, ratio, ctx=None) -> None:
+        scale = list((ratio * group["lr"]).unbind())
+        if ctx is None:
+            torch._foreach_addcmul_(w, d, scale)
+            return
+        hp, per_seg = ctx
+        rest = []
+        for k, x in enumerate(per_seg):
+            if x is None:
+                rest.append(k)
+            else:  # pass 2: w -= lr * ratio * u, u recomputed from m, v, w
+                trust_fused.lamb_pass2_(w[k], x[0], x[1], hp, x[2], scale[k])
+        if rest:
+            torch._foreach_addcmul_(
+                [w[k] for k in rest], [d[k] for k in rest], [scale[k] for k in rest]
+            )
 
 
 class ChunkLars(ChunkTrustOptimizer):
@@ -237,6 +324,7 @@ class ChunkLars(ChunkTrustOptimizer):
         exclude_from_adaptation: bool = True,
         max_grad_norm: float | None = None,
         norm_reducer: NormReducer | None = None,
+        fused: bool | None = None,
     ) -> None:
         if nesterov and momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
@@ -255,6 +343,7 @@ class ChunkLars(ChunkTrustOptimizer):
             exclude_from_adaptation,
             max_grad_norm,
             norm_reducer,
+            fused,
         )
 
     def direction(self, chunks, group):
@@ -268,23 +357,38 @@ class ChunkLars(ChunkTrustOptimizer):
         )
         return (r / group["lr"]).clamp(max=1.0) if group["larc_clip"] else r
 
-    def apply(self, chunks, group, segs, w, d, ratio) -> None:
+    def apply(self, chunks, group, segs, w, d, ratio, ctx=None) -> None:
         lr = group["lr"]
         scale, outside = (ratio * lr, 1.0) if group["lr_inside_momentum"] else (ratio, lr)
+        scale = list(scale.unbind())
         bufs = None
+        rest = list(range(len(w)))
         if group["momentum"]:
             full = {c.index: self.mgr.alloc_state(c, "momentum_buffer") for c in chunks}
-            bufs, i = [], 0
+            bufs = []
             for c in chunks:
                 for s in c.segments:
                     a = s.offset_in_shard
                     bufs.append(full[c.index][a : a + s.length])
-                    i += 1
+            if w and trust_fused.want_fused(self.fused, w[0].device):
+                hp = trust_fused.lars_hparams(
+                    group["momentum"],
+                    group["weight_decay"],
+                    outside,
+                    group["nesterov"],
+                    w[0].device,
+                )
+                big = [k for k in rest if trust_fused.fusable(w[k], d[k], bufs[k])]
+                for k in big:
+                    trust_fused.lars_apply_fused_(w[k], d[k], bufs[k], hp, scale[k])
+                rest = sorted(set(rest) - set(big))
+        if not rest:
+            return
         lars_apply_(
-            w,
-            d,
-            bufs,
-            list(scale.unbind()),
+            [w[k] for k in rest],
+            [d[k] for k in rest],
+            None if bufs is None else [bufs[k] for k in rest],
+            [scale[k] for k in rest],
             group["weight_decay"],
             group["momentum"],
             group["nesterov"],

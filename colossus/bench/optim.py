@@ -10,10 +10,16 @@ over a buffer far larger than the caches; read + write bytes counted).
 Bytes per parameter, at least (reads + writes of 4-byte elements):
 
 * AdamW: read w, g, m, v; write w, m, v: 28.
-* LAMB: the same moments plus the update u (written, read again for ||u||-scaled apply) and w
-  read twice (once for its norm and decay, once in the apply): read w, g, m, v, then w, u;
-  write m, v, u, then w: 40. Norms can ride on those passes in a fused kernel.
-* LARS (momentum): read w, g (norms), then read w, g, buf; write buf, w: 28.
+* LAMB: two passes, since no part of the update can be applied before its norm is known: read
+  w, g, m, v and write m, v (norms of w and of the update u on the fly, u not stored), then read
+  w, m, v and write w (u recomputed): 40. The fused path (``lamb-fused``,
+  :mod:`offload.trust_fused`) is this; the multi-tensor path (``lamb-foreach``) touches 56.
+* LARS (momentum): read w, g (norms), then read w, g, buf; write buf, w: 28 (the fused path;
+  ``lars-foreach`` touches 52).
+
+The ``first step`` column is the warm-up step: for the fused variants it includes compiling the
+kernels with ``torch.compile`` (``compile`` column; Inductor caches them on disk, so a second
+run is faster: ``--fresh-cache`` compiles from scratch into a new cache directory).
 
 Example::
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +40,7 @@ import torch
 
 from colossus.bench.common import machine_info, median, print_table, write_json
 
-BYTES_PER_PARAM = {"adamw": 28, "lamb": 40, "lars": 28}
+BYTES_PER_PARAM = {"adamw": 28, "lamb": 40, "lars": 28}  # the fewest the algorithm allows
 
 
 def add_parser(bsub, fmt) -> None:
@@ -42,7 +49,7 @@ def add_parser(bsub, fmt) -> None:
         help="optimizer step time (AdamW fused, LAMB, LARS) vs the memory-bandwidth bound",
         formatter_class=fmt,
         epilog="examples:\n  colossus bench optim --json bench-optim.json\n"
-        "  colossus bench optim --params 2e7 --steps 3 --variants adamw-fused lamb\n",
+        "  colossus bench optim --params 2e7 --steps 3 --variants adamw-fused lamb-fused\n",
     )
     p.add_argument("--params", type=float, default=1e8, help="parameters (default 1e8)")
     p.add_argument("--hidden", type=int, default=768, help="model width of the tensor shapes")
@@ -50,9 +57,14 @@ def add_parser(bsub, fmt) -> None:
     p.add_argument(
         "--variants",
         nargs="+",
-        default=["adamw-fused", "lamb", "lars"],
+        default=["adamw-fused", "lamb-fused", "lamb-foreach", "lars-fused", "lars-foreach"],
         choices=list(VARIANTS),
         help="optimizers to time",
+    )
+    p.add_argument(
+        "--fresh-cache",
+        action="store_true",
+        help="compile the fused kernels into a new Inductor cache directory (cold compile time)",
     )
     p.add_argument("--json", help="write the results here")
     p.set_defaults(bench_fn=run)
@@ -83,16 +95,22 @@ def _adamw(fused: bool) -> Callable:
     return lambda ps: torch.optim.AdamW(_groups(ps), lr=1e-3, fused=fused, foreach=not fused)
 
 
-def _lamb(ps):
-    from colossus.optim import Lamb
+def _lamb(fused: bool) -> Callable:
+    def make(ps):
+        from colossus.optim import Lamb
 
-    return Lamb(_groups(ps), lr=1e-3)
+        return Lamb(_groups(ps), lr=1e-3, fused=fused)
+
+    return make
 
 
-def _lars(ps):
-    from colossus.optim import Lars
+def _lars(fused: bool) -> Callable:
+    def make(ps):
+        from colossus.optim import Lars
 
-    return Lars(_groups(ps), lr=1.0, momentum=0.9)
+        return Lars(_groups(ps), lr=1.0, momentum=0.9, fused=fused)
+
+    return make
 
 
 def _torch_optimizer_lamb(ps):
@@ -104,8 +122,10 @@ def _torch_optimizer_lamb(ps):
 VARIANTS: dict[str, tuple[str, Callable]] = {
     "adamw-fused": ("adamw", _adamw(True)),
     "adamw-foreach": ("adamw", _adamw(False)),
-    "lamb": ("lamb", _lamb),
-    "lars": ("lars", _lars),
+    "lamb-fused": ("lamb", _lamb(True)),
+    "lamb-foreach": ("lamb", _lamb(False)),
+    "lars-fused": ("lars", _lars(True)),
+    "lars-foreach": ("lars", _lars(False)),
     "lamb-torch-optimizer": ("lamb", _torch_optimizer_lamb),
 }
 
@@ -119,11 +139,19 @@ def _build(name: str, shapes, grads: list[torch.Tensor]):
         p.grad = gr  # every variant steps on the same gradients (shared: less memory)
         params.append(p)
     opt = make(params)
-    opt.step()  # warm-up: state allocated and faulted in
-    return kind, opt, sum(p.numel() for p in params)
+    t = time.perf_counter()
+    opt.step()  # warm-up: state allocated and faulted in, fused kernels compiled
+    first = time.perf_counter() - t
+    return kind, opt, sum(p.numel() for p in params), first
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.fresh_cache:
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="colossus-inductor-")
+    from offload import trust_fused
+
     shapes = gpt_shapes(args.params, args.hidden)
     g = torch.Generator().manual_seed(1)
     grads = [torch.empty(s).normal_(0, 1e-3, generator=g) for s in shapes]
@@ -144,15 +172,16 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         dst.copy_(src)
         bws.append(2 * src.nbytes / (time.perf_counter() - t))
-        for name, (_, opt, _) in built.items():
+        for name, (_, opt, _, _) in built.items():
             t = time.perf_counter()
             opt.step()
             times[name].append(time.perf_counter() - t)
     del src, dst
     bw = median(bws)
-    for name, (kind, _, n) in built.items():
+    for name, (kind, _, n, first) in built.items():
         r = {"name": name, "kind": kind, "params": n, "step_time_s": median(times[name])}
         r["step_time_min_s"] = min(times[name])
+        r["first_step_s"] = first
         r["bytes_per_param"] = BYTES_PER_PARAM[kind]
         r["bound_s"] = BYTES_PER_PARAM[kind] * n / bw
         r["x_bound"] = r["step_time_s"] / r["bound_s"]
@@ -169,11 +198,19 @@ def run(args: argparse.Namespace) -> int:
         f"optimizer step, {n / 1e6:.1f}M params in {len(shapes)} tensors, copy bandwidth "
         f"{bw / 1e9:.1f} GB/s (median of {len(bws)}), {info['torch_threads']} threads"
     )
+    compile_s = trust_fused.compile_seconds()
+    if compile_s:
+        title += f"; fused kernels compiled in {compile_s:.1f} s (in the first fused step)"
     print_table(title, rows)
     write_json(
         args.json,
         "optim",
         rows,
-        {**{k: v for k, v in vars(args).items() if k != "bench_fn"}, "copy_gbps": bw / 1e9},
+        {
+            **{k: v for k, v in vars(args).items() if k != "bench_fn"},
+            "copy_gbps": bw / 1e9,
+            "compile_s": compile_s,
+            "load_avg": os.getloadavg(),
+        },
     )
     return 0

@@ -81,6 +81,7 @@ def build_optimizer(
             trust_clip=cfg.trust_clip,
             max_grad_norm=cfg.max_grad_norm,
             norm_reducer=norm_reducer,
+            fused=cfg.fused,
         )
     return Lars(
         groups,
@@ -94,4 +95,5 @@ def build_optimizer(
         lr_inside_momentum=cfg.lr_inside_momentum,
         max_grad_norm=cfg.max_grad_norm,
         norm_reducer=norm_reducer,
+        fused=cfg.fused,
     )

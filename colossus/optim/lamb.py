@@ -22,11 +22,16 @@ adaptation``           : bias / norm True)       (BERT's LAMB skips the ratio fo
 ``eps``                1e-6                      1e-8 (apex)
 =====================  ========================  ===============================================
 
-A step is a few passes over memory: one ``torch._fused_adamw_`` call per group computes the
-moments and the Adam direction into a workspace (one fp32 buffer per parameter, kept between
-steps, not part of the state dict; with weight decay it starts as a copy of w), one ``_foreach_norm`` over weights and updates, ONE call
-of ``norm_reducer`` (sharded parameters, see :mod:`colossus.optim.reducer`), one
-``_foreach_addcmul_`` applies the scaled update. No per-parameter ``.item()``.
+A step is a few passes over memory. Fused path (``fused``, default on CPU where
+``torch.compile`` works): per large fp32 tensor, pass 1 updates the moments and returns
+``||w||^2, ||u||^2`` without storing ``u``; ONE call of ``norm_reducer`` (sharded parameters,
+see :mod:`colossus.optim.reducer`); pass 2 recomputes ``u`` and applies it (10 element accesses
+per parameter, :mod:`offload.trust_fused`). Multi-tensor path (small tensors, or ``fused=False``):
+one ``torch._fused_adamw_`` call per group computes the moments and the Adam direction into a
+workspace (one fp32 buffer per parameter, kept between steps, not part of the state dict; with
+weight decay it starts as a copy of w), one ``_foreach_norm`` over weights and updates, the same
+single reducer call, one ``_foreach_addcmul_`` applies the scaled update (14 accesses). No
+per-parameter ``.item()`` on either path.
 
 Example::
 
@@ -48,6 +53,7 @@ from typing import Any
 
 import torch
 
+from offload import trust_fused
 from offload.trust import NormReducer, column_sq_norms, lamb_direction_, lamb_trust_ratio
 
 
@@ -57,7 +63,12 @@ class Lamb(torch.optim.Optimizer):
     Param-group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``bias_correction``,
     ``phi_min``, ``phi_max``, ``trust_clip``, ``exclude_from_adaptation`` (build groups by
     name with :func:`colossus.optim.param_groups`). ``max_grad_norm`` and ``norm_reducer`` are
-    per optimizer. All parameters must be on one device."""
+    per optimizer. All parameters must be on one device.
+
+    ``fused``: the two-pass compiled kernels of :mod:`offload.trust_fused` (10 element accesses
+    per parameter instead of 14) for fp32 tensors of at least ``FUSED_MIN_NUMEL`` elements.
+    None (default) = on CPU when they compile (else one warning and the multi-tensor path);
+    True = required (error if they do not compile); False = the multi-tensor path only."""
 
     def __init__(
         self,
@@ -73,6 +84,7 @@ class Lamb(torch.optim.Optimizer):
         exclude_from_adaptation: bool = False,
         max_grad_norm: float | None = None,
         norm_reducer: NormReducer | None = None,
+        fused: bool | None = None,
     ) -> None:
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError(
@@ -96,6 +108,7 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.norm_reducer = norm_reducer
+        self.fused = fused
         self._work: dict[torch.Tensor, torch.Tensor] = {}
 
     def _workspace(self, p: torch.Tensor) -> torch.Tensor:
@@ -133,32 +146,73 @@ class Lamb(torch.optim.Optimizer):
             if self.norm_reducer is not None:
                 self.norm_reducer(gsq, params)
             grad_scale = (gsq.sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
-        works = []
+        fused = trust_fused.want_fused(self.fused, params[0].device)
+        n_all = len(params)
+        plan = []  # per group: (group, ps, foreach positions, fused positions, hp, coefs)
+        works, small_pos, parts, big_pos = [], [], [], []
+        i = 0
         for group, ps in todo:
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
-            work = [self._workspace(p) for p in ps]
             b1, b2 = group["betas"]
-            lamb_direction_(
-                work,
-                [p.grad for p in ps],
-                [self.state[p]["exp_avg"] for p in ps],
-                [self.state[p]["exp_avg_sq"] for p in ps],
-                ps,
-                steps,
-                beta1=b1,
-                beta2=b2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                bias_correction=group["bias_correction"],
-                grad_scale=grad_scale,
-            )
-            works += work
-        sq = column_sq_norms([params, works])  # [2, n]: ||w||^2, ||u||^2 (partial if split)
+            big = [
+                j
+                for j, p in enumerate(ps)
+                if fused
+                and trust_fused.fusable(
+                    p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]
+                )
+            ]
+            small = sorted(set(range(len(ps))) - set(big))
+            hp = coefs = None
+            if big:  # pass 1: moments and both norms in one read of g, m, v, w
+                hp = trust_fused.lamb_hparams(
+                    b1, b2, group["eps"], group["weight_decay"], grad_scale, ps[0].device
+                )
+                coefs = trust_fused.lamb_bias_coefs(
+                    torch.stack([steps[j] for j in big]), b1, b2, group["bias_correction"]
+                ).unbind()
+                for j, c in zip(big, coefs):
+                    st = self.state[ps[j]]
+                    parts.append(
+                        trust_fused.lamb_pass1_(
+                            ps[j], ps[j].grad, st["exp_avg"], st["exp_avg_sq"], hp, c
+                        )
+                    )
+                big_pos += [i + j for j in big]
+            if small:
+                sp = [ps[j] for j in small]
+                work = [self._workspace(p) for p in sp]
+                lamb_direction_(
+                    work,
+                    [p.grad for p in sp],
+                    [self.state[p]["exp_avg"] for p in sp],
+                    [self.state[p]["exp_avg_sq"] for p in sp],
+                    sp,
+                    [steps[j] for j in small],
+                    beta1=b1,
+                    beta2=b2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    bias_correction=group["bias_correction"],
+                    grad_scale=grad_scale,
+                )
+                works += work
+                small_pos += [i + j for j in small]
+            plan.append((group, ps, small, big, hp, coefs))
+            i += len(ps)
+        # [2, n]: ||w||^2, ||u||^2 per parameter (partial if split), in parameter order
+        if not big_pos:
+            sq = column_sq_norms([params, works])
+        else:
+            sq = torch.zeros(2, n_all, device=params[0].device)
+            sq[:, big_pos] = torch.stack(parts, 1)
+            if small_pos:
+                sq[:, small_pos] = column_sq_norms([[params[k] for k in small_pos], works])
         if self.norm_reducer is not None:
             self.norm_reducer(sq, params)  # the one collective of the step
-        i = 0
-        for group, ps in todo:
+        i, k = 0, 0
+        for group, ps, small, big, hp, coefs in plan:
             n = len(ps)
             if group["exclude_from_adaptation"]:
                 ratio = torch.ones(n, device=sq.device)
@@ -170,8 +224,15 @@ class Lamb(torch.optim.Optimizer):
                     group["phi_max"],
                     group["trust_clip"],
                 )
-            scale = (ratio * group["lr"]).to(ps[0].dtype)
-            # work holds -(r + wd w): w += lr * ratio * work
-            torch._foreach_addcmul_(ps, works[i : i + n], list(scale.unbind()))
+            scale = (ratio * group["lr"]).to(ps[0].dtype).unbind()
+            for j, c in zip(big, coefs or ()):  # pass 2: w -= lr * ratio * u, u recomputed
+                st = self.state[ps[j]]
+                trust_fused.lamb_pass2_(ps[j], st["exp_avg"], st["exp_avg_sq"], hp, c, scale[j])
+            if small:
+                # work holds -(r + wd w): w += lr * ratio * work
+                torch._foreach_addcmul_(
+                    [ps[j] for j in small], works[k : k + len(small)], [scale[j] for j in small]
+                )
+                k += len(small)
             i += n
         return loss

@@ -23,7 +23,8 @@ option                      default       others
 ==========================  ============  ===========================================================
 
 A step: one ``_foreach_norm`` over weights and gradients, ONE ``norm_reducer`` call, then
-multi-tensor updates of the momentum buffers and weights; no per-parameter kernels or syncs.
+the momentum buffers and weights are updated: one compiled pass per large tensor (``fused``,
+:mod:`offload.trust_fused`) or multi-tensor updates; no per-parameter host syncs.
 
 Example::
 
@@ -46,6 +47,7 @@ from typing import Any
 
 import torch
 
+from offload import trust_fused
 from offload.trust import NormReducer, column_sq_norms, lars_apply_, lars_trust_ratio
 
 
@@ -53,7 +55,11 @@ class Lars(torch.optim.Optimizer):
     """LARS with momentum; see the module docstring for the options.
 
     Param-group keys: ``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient``, ``eps``,
-    ``nesterov``, ``larc_clip``, ``lr_inside_momentum``, ``exclude_from_adaptation``."""
+    ``nesterov``, ``larc_clip``, ``lr_inside_momentum``, ``exclude_from_adaptation``.
+
+    ``fused`` (with momentum): the one-pass compiled apply of :mod:`offload.trust_fused` for
+    large fp32 tensors (5 element accesses instead of 11); None = on CPU when it compiles,
+    True = required, False = the multi-tensor path only."""
 
     def __init__(
         self,
@@ -69,6 +75,7 @@ class Lars(torch.optim.Optimizer):
         exclude_from_adaptation: bool = False,
         max_grad_norm: float | None = None,
         norm_reducer: NormReducer | None = None,
+        fused: bool | None = None,
     ) -> None:
         if lr <= 0 or momentum < 0 or weight_decay < 0 or eps < 0 or trust_coefficient <= 0:
             raise ValueError(
@@ -91,6 +98,7 @@ class Lars(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.norm_reducer = norm_reducer
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -103,6 +111,7 @@ class Lars(torch.optim.Optimizer):
         if not todo:
             return loss
         params = [p for _, ps in todo for p in ps]
+        fused = trust_fused.want_fused(self.fused, params[0].device)
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Lars does not support sparse gradients")
@@ -141,15 +150,26 @@ class Lars(torch.optim.Optimizer):
                             p, memory_format=torch.preserve_format
                         )
                     bufs.append(st["momentum_buffer"])
-            lars_apply_(
-                ps,
-                gs,
-                bufs,
-                list(scale.to(ps[0].dtype).unbind()),
-                wd,
-                group["momentum"],
-                group["nesterov"],
-                outside,
-            )
+            scale = list(scale.to(ps[0].dtype).unbind())
+            rest = range(n)
+            if fused and bufs is not None:
+                big = [j for j in rest if trust_fused.fusable(ps[j], gs[j], bufs[j])]
+                hp = trust_fused.lars_hparams(
+                    group["momentum"], wd, outside, group["nesterov"], ps[0].device
+                )
+                for j in big:
+                    trust_fused.lars_apply_fused_(ps[j], gs[j], bufs[j], hp, scale[j])
+                rest = sorted(set(rest) - set(big))
+            if rest:
+                lars_apply_(
+                    [ps[j] for j in rest],
+                    [gs[j] for j in rest],
+                    None if bufs is None else [bufs[j] for j in rest],
+                    [scale[j] for j in rest],
+                    wd,
+                    group["momentum"],
+                    group["nesterov"],
+                    outside,
+                )
             i += n
         return loss

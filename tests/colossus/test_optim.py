@@ -109,8 +109,21 @@ LAMB_CASES = {
 }
 
 
-def _run_lamb(opts: dict):
-    o = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.05}
+@pytest.fixture(params=["foreach", "fused"])
+def fused(request, monkeypatch):
+    """Both LAMB / LARS paths: ``fused`` runs the compiled kernels of offload.trust_fused on the
+    tensors of at least 13 elements (w1, w3) and the multi-tensor path on the others, so the
+    mixed bookkeeping is exercised too."""
+    if request.param == "foreach":
+        return False
+    import offload.trust_fused as tf
+
+    monkeypatch.setattr(tf, "FUSED_MIN_NUMEL", 13)
+    return True
+
+
+def _run_lamb(opts: dict, fused: bool | None = False):
+    o = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.05, "fused": fused}
     o.update(opts)
     excl = o.pop("exclude_adapt", False)
     params, targets, noise = _problem()
@@ -124,6 +137,8 @@ def _run_lamb(opts: dict):
         for n, p in params.items():
             p.grad = g[n].clone()
         opt.step()
+    if fused:  # the compiled kernels took the large tensors: no workspace for them
+        assert params["w1"] not in opt._work and params["bias"] in opt._work
     ref = ref_lamb(
         w0,
         grads,
@@ -142,8 +157,8 @@ def _run_lamb(opts: dict):
 
 
 @pytest.mark.parametrize("case", list(LAMB_CASES))
-def test_lamb_matches_float64_paper(case):
-    params, ref = _run_lamb(LAMB_CASES[case])
+def test_lamb_matches_float64_paper(case, fused):
+    params, ref = _run_lamb(LAMB_CASES[case], fused)
     moved = 0.0
     for n, p in params.items():
         err = _err(p, ref[n])
@@ -258,8 +273,9 @@ def _lr_at(t: int) -> float:
     return 0.1 * (0.5 + 0.5 * math.cos(math.pi * t / STEPS))  # a schedule: the lr changes
 
 
-def _run_lars(opts: dict):
+def _run_lars(opts: dict, fused: bool | None = False):
     o = {"momentum": 0.9, "weight_decay": 5e-3, "trust_coefficient": 0.2, "eps": 0.0}
+    o["fused"] = fused
     o.update(opts)
     excl = o.pop("exclude_adapt", False)
     params, targets, noise = _problem(1)
@@ -293,8 +309,8 @@ def _run_lars(opts: dict):
 
 
 @pytest.mark.parametrize("case", list(LARS_CASES))
-def test_lars_matches_float64_paper(case):
-    params, ref, w0 = _run_lars(LARS_CASES[case])
+def test_lars_matches_float64_paper(case, fused):
+    params, ref, w0 = _run_lars(LARS_CASES[case], fused)
     for n, p in params.items():
         err = _err(p, ref[n])
         assert err <= TOL, f"{case}: {n} differs by {err:.3g}"
@@ -331,6 +347,47 @@ def test_norm_reducer_called_once_per_step_with_all_columns():
                 p.grad = g[n]
             opt.step()
         assert calls == [((2, len(SHAPES)), len(SHAPES))] * 3, calls
+
+
+def test_fused_kernels_do_not_recompile(monkeypatch):
+    """Steps with new step counts, learning rates, grad-norm scales and tensor sizes run the
+    kernels compiled before: sizes are dynamic and every scalar is a tensor (dynamo's counter
+    of compiled graphs stays put after the first steps)."""
+    from torch._dynamo.utils import counters
+
+    import offload.trust_fused as tf
+
+    monkeypatch.setattr(tf, "FUSED_MIN_NUMEL", 13)
+    if not tf.fused_available():
+        pytest.skip(f"no compiled kernels here: {tf._KERNELS.error}")
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (2, 3, 4), (50, 100), (300, 250), (7,)]
+    runs = []
+    for cls, kw in ((Lamb, {"max_grad_norm": 1.0}), (Lars, {"momentum": 0.9})):
+        ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        runs.append((cls(ps, lr=1e-2, fused=True, **kw), ps))
+    seen = []
+    for t in range(8):
+        if t == 2:
+            seen = dict(counters["stats"])
+        for opt, ps in runs:
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g) * (1 + t)
+            opt.param_groups[0]["lr"] *= 0.9  # a schedule
+            opt.step()
+    assert seen and seen["unique_graphs"] > 0
+    assert dict(counters["stats"])["unique_graphs"] == seen["unique_graphs"]
+
+
+def test_schema_fused_option():
+    from colossus import TrainingConfig
+    from colossus.optim import build_optimizer
+
+    for name in ("lamb", "lars"):
+        cfg = TrainingConfig().with_overrides([f"optim.name={name}", "optim.fused=false"])
+        opt = build_optimizer(torch.nn.Linear(4, 4), cfg.optim, torch.device("cpu"))
+        assert opt.fused is False
+    assert TrainingConfig().with_overrides(["optim.name=lamb"]).optim.fused is None
 
 
 def test_param_groups_by_name():

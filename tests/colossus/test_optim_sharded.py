@@ -43,11 +43,17 @@ CASES = {
     "lamb-options": (ChunkLamb, Lamb, {**LAMB_KW, "phi_max": 1.0, "bias_correction": False}),
     "lars": (ChunkLars, Lars, LARS_KW),
     "lars-nesterov": (ChunkLars, Lars, {**LARS_KW, "nesterov": True, "larc_clip": True}),
+    # the compiled kernels (offload.trust_fused) on segments of >= FUSED_MIN_SEG elements, the
+    # multi-tensor path on the rest; the one-process reference stays on the multi-tensor path
+    "lamb-fused": (ChunkLamb, Lamb, {**LAMB_KW, "fused": True}),
+    "lars-fused": (ChunkLars, Lars, {**LARS_KW, "nesterov": True, "fused": True}),
 }
+FUSED_MIN_SEG = 64
 
 
 def reference(case: str):
     _, cls, kw = CASES[case]
+    kw = {**kw, "fused": False}
     model = tiny_gpt2(0)
     # the chunk manager's default decay rule (ndim >= 2), no name patterns
     opt = cls(param_groups(model, kw["weight_decay"], exclude=()), **kw)
@@ -71,6 +77,10 @@ def _count_all_reduce():
 
 def chunk_case(case: str) -> dict:
     ccls, _, kw = CASES[case]
+    import offload.trust_fused as tf
+
+    tf.FUSED_MIN_NUMEL = FUSED_MIN_SEG if kw.get("fused") else 1 << 16
+    kw = {"fused": False, **kw}
     mgr = ChunkManager(tiny_gpt2(0), ChunkConfig(chunk_size=CHUNK))
     opt = ccls(mgr, **kw)
     per_step, losses = [], []
@@ -99,6 +109,10 @@ def chunk_case(case: str) -> dict:
         "columns": len(opt.columns),
         "straddling": straddling,
         "state": sorted({k for c in mgr.chunks for k in c.optim_state}),
+        # segments the fused kernels took (fused cases), and all segments of this rank
+        "fused_segments": [s.length >= tf.FUSED_MIN_NUMEL for c in mgr.chunks for s in c.segments]
+        if kw["fused"]
+        else [],
     }
 
 
@@ -247,6 +261,9 @@ def _check_chunk(results, references, world):
                     f"batched call of shape (2, {r['columns']})"
                 )
         assert "momentum_buffer" in res["lars"]["state"] and "exp_avg" in res["lamb"]["state"]
+        for case in ("lamb-fused", "lars-fused"):  # both paths ran on every rank
+            took = res[case]["fused_segments"]
+            assert 0 < sum(took) < len(took), f"rank {rank} {case}: fused {sum(took)}/{len(took)}"
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ MODULES = [
     "offload.optim",
     "offload.optim_lamb",
     "offload.trust",
+    "offload.trust_fused",
     "offload.consolidate",
     "offload.nvme",
     "offload.swap",

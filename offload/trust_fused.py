@@ -1,0 +1,243 @@
+"""Fused LAMB (two passes) and LARS (one apply pass) kernels, compiled by ``torch.compile``
+(Inductor's C++ backend on CPU): the fewest memory passes the algorithms allow.
+
+LAMB cannot apply any part of an update before it knows the whole parameter's ``||u||``, so a
+step is at least two passes. Per parameter (flat fp32 views ``w, g, m, v``):
+
+1. :func:`lamb_pass1_` reads ``g, m, v, w``, writes ``m, v`` and returns ``[||w||^2, ||u||^2]``
+   of the update ``u = m_hat / (sqrt(v_hat) + eps) + wd * w`` without storing ``u``
+   (6 element accesses);
+2. :func:`lamb_pass2_` reads ``w, m, v``, recomputes ``u`` and writes
+   ``w -= lr * ratio * u`` (4 accesses).
+
+10 accesses per parameter, against 14 for the multi-tensor path of :mod:`offload.trust` and 7 for
+fused AdamW. LARS's apply (:func:`lars_apply_fused_`) is one pass of 5 accesses (buffer, gradient
+and weight read, buffer and weight written) where the ``_foreach_*`` path takes 11.
+
+Why ``torch.compile`` and not hand-written code: Inductor generates the vectorised, OpenMP-parallel
+C++ loop (and a Triton kernel on GPUs) from the few lines below, with no extension for users to
+build; the compiled code is cached on disk (``TORCHINDUCTOR_CACHE_DIR``), so only the first
+process pays the compile (tens of seconds on a small CPU; ``colossus bench optim`` reports it).
+Shapes are dynamic (one graph for every tensor size, plus one for sizes up to 4096 where
+Inductor picks a different reduction), so steps never recompile. The scalars (betas, bias
+corrections, learning rate times trust ratio) are tensors, so schedules do not recompile either.
+``realize_reads_threshold=0`` makes Inductor store ``m`` and ``v`` from the same loop that sums
+``||u||^2`` (otherwise it emits a second loop that reads ``g, m, v`` again).
+
+Tensors smaller than :data:`FUSED_MIN_NUMEL` stay on the multi-tensor path: a compiled call
+costs tens of microseconds of Python dispatch, which for a bias is more than its memory time.
+
+Example::
+
+    >>> import torch
+    >>> from offload.trust_fused import fused_available, lamb_hparams, lamb_bias_coefs
+    >>> from offload.trust_fused import lamb_pass1_, lamb_pass2_
+    >>> w, g = torch.ones(8), torch.full((8,), 0.5)
+    >>> m, v = torch.zeros(8), torch.zeros(8)
+    >>> if fused_available():
+    ...     hp = lamb_hparams(0.9, 0.999, 1e-6, 0.0)
+    ...     coef = lamb_bias_coefs(torch.ones(1), 0.9, 0.999)[0]
+    ...     sq = lamb_pass1_(w, g, m, v, hp, coef)  # ||w||^2 = 8, ||u||^2 = 8 (u = 1)
+    ...     lamb_pass2_(w, m, v, hp, coef, torch.tensor(0.5))  # lr * ratio = 0.5
+    ...     ok = bool(torch.allclose(sq, torch.tensor([8.0, 8.0]))) and bool((w - 0.5).abs().max() < 1e-5)
+    ... else:
+    ...     ok = True  # no C++ compiler: the optimizers use the multi-tensor path
+    >>> ok
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+FUSED_MIN_NUMEL = 1 << 16
+"""Tensors (or shard segments) with fewer elements use the multi-tensor path in ``auto`` and
+``fused=True`` mode alike (per-call overhead beats their memory time)."""
+
+_OPTIONS = {"realize_reads_threshold": 0}
+
+
+# the kernels: plain tensor code that Inductor fuses; hp / c / scale are small tensors so that
+# changing values never recompile
+def _lamb_pass1(w, g, m, v, hp, c):
+    # hp: beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, 1 / grad_scale
+    # c: 1 / (1 - beta1^t), 1 / sqrt(1 - beta2^t)   (ones without bias correction)
+    g = g * hp[6]
+    m_new = m * hp[0] + g * hp[1]
+    v_new = v * hp[2] + g * g * hp[3]
+    u = (m_new * c[0]) / (v_new.sqrt() * c[1] + hp[4]) + hp[5] * w
+    m.copy_(m_new)
+    v.copy_(v_new)
+    return torch.stack([(w * w).sum(), (u * u).sum()])
+
+
+def _lamb_pass2(w, m, v, hp, c, scale):
+    u = (m * c[0]) / (v.sqrt() * c[1] + hp[4]) + hp[5] * w
+    w.sub_(scale * u)
+
+
+def _lars_apply(w, g, buf, hp, scale):
+    # hp: momentum, weight_decay, lr_outside, nesterov (0 / 1); scale = local lr (0-d)
+    d = scale * (g + hp[1] * w)
+    b = buf * hp[0] + d
+    buf.copy_(b)
+    w.sub_(hp[2] * (b + hp[3] * (d + hp[0] * b - b)))
+
+
+class _Compiled:
+    """The compiled kernels, built on first use; ``ok`` is None until tried, then whether the
+    probe compiled and matched eager on this machine (a C++ compiler is needed)."""
+
+    def __init__(self) -> None:
+        self.ok: bool | None = None
+        self.error: str | None = None
+        self.compile_s = 0.0
+        self.fns: dict[str, Callable] = {}
+        self._lock = threading.Lock()
+
+    def probe(self) -> bool:
+        with self._lock:
+            if self.ok is None:
+                t = time.perf_counter()
+                try:
+                    for name, fn in (
+                        ("lamb1", _lamb_pass1),
+                        ("lamb2", _lamb_pass2),
+                        ("lars", _lars_apply),
+                    ):
+                        self.fns[name] = torch.compile(
+                            fn, dynamic=True, fullgraph=True, options=_OPTIONS
+                        )
+                    self._check()
+                    self.ok = True
+                except Exception as e:  # any compile failure means: use the multi-tensor path
+                    self.ok, self.error = False, f"{type(e).__name__}: {e}"
+                self.compile_s = time.perf_counter() - t
+            return self.ok
+
+    def _check(self) -> None:
+        # one size above Inductor's 4096 reduction split (the large tensors use that graph)
+        n = FUSED_MIN_NUMEL + 3 if FUSED_MIN_NUMEL > 4096 else 4099
+        gen = torch.Generator().manual_seed(0)
+        w, g, m, v = (torch.rand(n, generator=gen) for _ in range(4))
+        hp = lamb_hparams(0.9, 0.999, 1e-6, 0.01)
+        c = torch.tensor([1.5, 1.2])
+        ref = [t.clone() for t in (w, g, m, v)]
+        sq = self.fns["lamb1"](w, g, m, v, hp, c)
+        sq_ref = _lamb_pass1(*ref, hp, c)
+        self.fns["lamb2"](w, m, v, hp, c, torch.tensor(0.1))
+        _lamb_pass2(ref[0], ref[2], ref[3], hp, c, torch.tensor(0.1))
+        buf, buf_ref = torch.zeros(n), torch.zeros(n)
+        lhp = torch.tensor([0.9, 1e-4, 1.0, 1.0])
+        self.fns["lars"](w, g, buf, lhp, torch.tensor(0.01))
+        _lars_apply(ref[0], ref[1], buf_ref, lhp, torch.tensor(0.01))
+        for a, b in ((sq, sq_ref), (w, ref[0]), (m, ref[2]), (v, ref[3]), (buf, buf_ref)):
+            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                raise RuntimeError("compiled kernel disagrees with eager")
+
+
+_KERNELS = _Compiled()
+_warned = False
+
+
+def fused_available(required: bool = False) -> bool:
+    """Whether the compiled kernels work here (compiles them on the first call). ``required``
+    (the user asked for ``fused=True``): raise when they do not; else warn once and return
+    False, so the caller takes the multi-tensor path."""
+    global _warned
+    if _KERNELS.probe():
+        return True
+    msg = f"fused LAMB/LARS kernels did not compile ({_KERNELS.error})"
+    if required:
+        raise RuntimeError(msg + "; use fused=None or False for the multi-tensor path")
+    if not _warned:
+        _warned = True
+        warnings.warn(msg + "; using the multi-tensor path", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def compile_seconds() -> float:
+    """Wall time the first :func:`fused_available` spent compiling and checking the kernels."""
+    return _KERNELS.compile_s
+
+
+def want_fused(fused: bool | None, device: torch.device) -> bool:
+    """Resolve the ``fused`` option: None (auto) = on CPU when the kernels compile; True =
+    required (error if they do not compile); False = never."""
+    if fused is False:
+        return False
+    if fused is None and device.type != "cpu":  # only the CPU path is measured and tested
+        return False
+    return fused_available(required=fused is True)
+
+
+def fusable(*ts: torch.Tensor) -> bool:
+    """Tensors one fused call can take: fp32, contiguous, at least :data:`FUSED_MIN_NUMEL`
+    elements (and at least 2: Inductor specialises sizes 0 and 1)."""
+    n = ts[0].numel()
+    return n >= max(2, FUSED_MIN_NUMEL) and all(
+        t.dtype == torch.float32 and t.is_contiguous() for t in ts
+    )
+
+
+def lamb_hparams(
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The per-group scalars of :func:`lamb_pass1_` as one tensor (gradients are divided by
+    ``grad_scale``, a 0-d tensor, when given: global-norm pre-normalisation)."""
+    hp = torch.tensor(
+        [beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay, 1.0], device=device
+    )
+    if grad_scale is not None:
+        hp[6] = 1.0 / grad_scale
+    return hp
+
+
+def lamb_bias_coefs(
+    steps: torch.Tensor, beta1: float, beta2: float, bias_correction: bool = True
+) -> torch.Tensor:
+    """``[n, 2]``: ``1 / (1 - beta1^t)`` and ``1 / sqrt(1 - beta2^t)`` for each step count
+    ``t`` in ``steps`` (counts after incrementing); ones without bias correction. Row ``i`` is
+    the ``c`` argument of the kernels for tensor ``i``."""
+    steps = steps.double()  # corrections in float64, as torch's fused AdamW computes them
+    if not bias_correction:
+        return torch.ones(len(steps), 2, device=steps.device)
+    c1 = 1.0 / (1.0 - beta1**steps)
+    c2 = (1.0 - beta2**steps).rsqrt()
+    return torch.stack([c1, c2], 1).float()
+
+
+def lamb_pass1_(w, g, m, v, hp, c) -> torch.Tensor:
+    """Pass 1 on one flat tensor: moments updated in place; returns ``[||w||^2, ||u||^2]``."""
+    return _KERNELS.fns["lamb1"](w.view(-1), g.view(-1), m.view(-1), v.view(-1), hp, c)
+
+
+def lamb_pass2_(w, m, v, hp, c, scale: torch.Tensor) -> None:
+    """Pass 2: ``w -= scale * u`` (``scale`` = learning rate times trust ratio, 0-d)."""
+    _KERNELS.fns["lamb2"](w.view(-1), m.view(-1), v.view(-1), hp, c, scale)
+
+
+def lars_hparams(
+    momentum: float, weight_decay: float, lr_outside: float, nesterov: bool, device="cpu"
+) -> torch.Tensor:
+    """The per-group scalars of :func:`lars_apply_fused_`."""
+    return torch.tensor(
+        [momentum, weight_decay, lr_outside, float(nesterov)], device=device, dtype=torch.float32
+    )
+
+
+def lars_apply_fused_(w, g, buf, hp, scale: torch.Tensor) -> None:
+    """One pass: ``buf = momentum * buf + scale * (g + wd * w)``; ``w -= lr_outside * buf``
+    (Nesterov: ``w -= lr_outside * (scale * (g + wd * w) + momentum * buf)``), as
+    :func:`offload.trust.lars_apply_` with momentum."""
+    _KERNELS.fns["lars"](w.view(-1), g.view(-1), buf.view(-1), hp, scale)
