@@ -177,11 +177,15 @@ def want_fused(fused: bool | None, device: torch.device) -> bool:
 
 
 def fusable(*ts: torch.Tensor) -> bool:
-    """Tensors one fused call can take: fp32, contiguous, at least :data:`FUSED_MIN_NUMEL`
-    elements (and at least 2: Inductor specialises sizes 0 and 1)."""
+    """Tensors one fused call can take: plain (no tensor subclass such as DTensor), fp32,
+    contiguous, at least :data:`FUSED_MIN_NUMEL` elements (and at least 2: Inductor
+    specialises sizes 0 and 1)."""
     n = ts[0].numel()
     return n >= max(2, FUSED_MIN_NUMEL) and all(
-        t.dtype == torch.float32 and t.is_contiguous() for t in ts
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.dtype == torch.float32
+        and t.is_contiguous()
+        for t in ts
     )
 
 
