@@ -192,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if ref and "step_time_s" in r:
             r["x_adamw_fused"] = r["step_time_s"] / ref["step_time_s"]
+            # the same ratio within each round (both steps ran back to back), median over rounds:
+            # steadier than the ratio of medians when the load of a shared machine drifts
+            per_round = [a / b for a, b in zip(times[r["name"]], times["adamw-fused"])]
+            r["x_adamw_fused_rounds"] = median(per_round)
     info = machine_info()
     n = sum(torch.Size(s).numel() for s in shapes)
     title = (
