@@ -79,6 +79,14 @@ def add_parser(bsub, fmt) -> None:
         help="seconds a variant may run (DeepSpeed JIT-builds cpu_adam on first use) before it "
         "is killed and its row gets an error",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant this many times, in a rotated order each round, so drifting "
+        "load from other jobs hits all alike; step time = median over all rounds' steps, "
+        "time_vs_pytorch = median of the per-round ratios",
+    )
     p.add_argument("--json", help="write the results here")
     p.set_defaults(bench_fn=run)
 
@@ -364,9 +372,29 @@ def _spawn(variant: str, args: dict[str, Any], ranks: int, timeout: float) -> di
     }
 
 
+def _merge_rounds(rs: list[dict[str, Any]], warmup: int, tokens: int) -> dict[str, Any]:
+    """One row per variant from its rounds: step time = median of every measured step of every
+    round; peak RSS = the largest; losses from the first round (every round computes the
+    same ones); ``round_step_s`` keeps each round's median for the per-round ratios."""
+    from colossus.bench.common import median
+
+    bad = [r for r in rs if "error" in r]
+    if bad:
+        return bad[0]
+    out = dict(rs[0])
+    steps = [t for r in rs for t in r["step_times_s"][warmup:]]
+    out["step_time_s"] = median(steps)
+    out["tokens_per_s"] = tokens / out["step_time_s"]
+    for k in ("peak_rss_gib_max_rank", "peak_rss_gib_sum_ranks"):
+        out[k] = max(r[k] for r in rs)
+    out["round_step_s"] = [r["step_time_s"] for r in rs]
+    out["step_times_s"] = [r["step_times_s"] for r in rs] if len(rs) > 1 else rs[0]["step_times_s"]
+    return out
+
+
 def _table_row(r: dict[str, Any]) -> dict[str, Any]:
-    """The printed row: no per-step list; losses with 6 decimals so that agreement shows."""
-    out = {k: v for k, v in r.items() if k != "step_times_s"}
+    """The printed row: no per-step lists; losses with 6 decimals so that agreement shows."""
+    out = {k: v for k, v in r.items() if k not in ("step_times_s", "round_step_s")}
     for k in ("first_loss", "final_loss"):
         if isinstance(out.get(k), float):
             out[k] = f"{out[k]:.6f}"
@@ -381,23 +409,37 @@ def run(ns: argparse.Namespace) -> int:
         k: getattr(ns, k)
         for k in ("model", "batch", "seq", "steps", "warmup", "variants", "ranks", "threads")
     }
-    if ns.steps < 1 or ns.warmup < 0 or ns.ranks < 1:
-        raise SystemExit("bench offload: need --steps >= 1, --warmup >= 0, --ranks >= 1")
+    if ns.steps < 1 or ns.warmup < 0 or ns.ranks < 1 or ns.rounds < 1:
+        raise SystemExit(
+            "bench offload: need --steps >= 1, --warmup >= 0, --ranks >= 1, --rounds >= 1"
+        )
     if ns.batch % ns.ranks:
         raise SystemExit(f"bench offload: --batch {ns.batch} must divide by --ranks {ns.ranks}")
     load_before = os.getloadavg()
-    rows = []
-    for v in ns.variants:
-        ranks = ns.ranks if v in DISTRIBUTED else 1
-        # N ranks on C cores: C // N threads each so they do not oversubscribe the cores
-        threads = ns.threads or max(1, cores // ranks)
-        print(f"[bench offload] running {v} x{ranks} ...", file=sys.stderr, flush=True)
-        rows.append(_spawn(v, {**args, "threads": threads}, ranks, ns.timeout))
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in ns.variants}
+    for rnd in range(ns.rounds):
+        k = rnd % len(ns.variants)  # rotated: no variant always runs first or last
+        for v in ns.variants[k:] + ns.variants[:k]:
+            ranks = ns.ranks if v in DISTRIBUTED else 1
+            # N ranks on C cores: C // N threads each so they do not oversubscribe the cores
+            threads = ns.threads or max(1, cores // ranks)
+            print(
+                f"[bench offload] round {rnd + 1}/{ns.rounds}: running {v} x{ranks} ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs[v].append(_spawn(v, {**args, "threads": threads}, ranks, ns.timeout))
+    rows = [_merge_rounds(runs[v], ns.warmup, ns.batch * ns.seq) for v in ns.variants]
 
     ok = [r for r in rows if "error" not in r]
     base = next((r for r in ok if r["name"] == "pytorch"), None)
     for r in ok:
-        r["time_vs_pytorch"] = r["step_time_s"] / base["step_time_s"] if base else None
+        r["time_vs_pytorch"] = None
+        if base:  # per round, then the median: a slow round slows both sides of its ratio
+            from colossus.bench.common import median
+
+            ratios = [a / b for a, b in zip(r["round_step_s"], base["round_step_s"])]
+            r["time_vs_pytorch"] = median(ratios)
         r["rss_vs_pytorch"] = (
             r["peak_rss_gib_sum_ranks"] / base["peak_rss_gib_sum_ranks"] if base else None
         )
@@ -430,13 +472,15 @@ def run(ns: argparse.Namespace) -> int:
     ]
     print_table(
         f"bench offload: {ns.model}, batch {ns.batch} x seq {ns.seq}, median of {ns.steps} steps "
-        f"after {ns.warmup} warmup, {ns.ranks} rank(s) for chunk/fsdp2/deepspeed",
+        f"after {ns.warmup} warmup, {ns.ranks} rank(s) for chunk/fsdp2/deepspeed, "
+        f"{ns.rounds} round(s)",
         [_table_row(r) for r in rows],
     )
     for w in warnings:
         print(w, file=sys.stderr)
     # other work on the box skews the times: the 1-minute load average before and after says so
     extra = {"load_avg_1m_before": load_before[0], "load_avg_1m_after": os.getloadavg()[0]}
+    extra["rounds"] = ns.rounds
     write_json(ns.json, "offload", rows, args | extra | {"loss_warnings": warnings})
     return 0
 

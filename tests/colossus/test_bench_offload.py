@@ -1,4 +1,5 @@
-"""``colossus bench offload`` end to end on the tiny model: every variant runs in its own process,
+"""``colossus bench offload`` end to end on the tiny model: every variant runs in its own process
+(twice: ``--rounds 2``),
 the JSON holds one row per variant with sane figures, and the variants did the same work (same
 init, same data, no dropout: equal losses). DeepSpeed is left out: its cpu_adam JIT build can take
 minutes on a fresh machine."""
@@ -14,6 +15,7 @@ VARIANTS = ["pytorch", "chunk", "fsdp2"]
 def test_bench_offload_tiny(tmp_path, capsys):
     out = tmp_path / "offload.json"
     argv = ["bench", "offload", "--model", "gpt2-tiny", "--steps", "1", "--warmup", "1"]
+    argv += ["--rounds", "2"]
     argv += ["--variants", *VARIANTS, "--json", str(out)]
     assert main(argv) == 0
 
@@ -37,6 +39,13 @@ def test_bench_offload_tiny(tmp_path, capsys):
         # random tokens over a 4096 vocabulary: the loss starts near ln(4096) = 8.3
         assert 7.5 < r["first_loss"] < 9.5 and math.isfinite(r["final_loss"]), name
     assert rows["pytorch"]["time_vs_pytorch"] == 1.0
+    # two rounds: each variant ran twice; the ratio is the median of the per-round ratios
+    assert doc["args"]["rounds"] == 2
+    for name, r in rows.items():
+        rs, base = r["round_step_s"], rows["pytorch"]["round_step_s"]
+        assert len(rs) == 2 and len(r["step_times_s"]) == 2, name
+        ratios = [a / b for a, b in zip(rs, base)]
+        assert math.isclose(r["time_vs_pytorch"], sum(ratios) / 2), name
     # same init, same data, same AdamW arithmetic: the same losses before and after an update
     for name in ("chunk", "fsdp2"):
         assert abs(rows[name]["first_loss"] - rows["pytorch"]["first_loss"]) < 1e-4, name
