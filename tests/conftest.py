@@ -7,6 +7,17 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from more, and on a shared
+    CI box two threads per process were 3-5x slower than one (oversubscribed cores spin at
+    every barrier). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_gpt2(vocab: int = 128, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -221,14 +221,7 @@ def _cfg(stage: str, tmp: Path, demo_dir: Path, *extra: str) -> TrainingConfig:
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared CI box two threads per
-    # process were 3-5x slower than one (oversubscribed cores spin at every barrier)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

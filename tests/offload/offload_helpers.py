@@ -51,11 +51,11 @@ def batches(steps: int = STEPS, batch: int = BATCH, seq: int = SEQ, seed: int = 
     return out
 
 
-def reference_run(steps: int = STEPS, checkpointing: bool = False, seed: int = 0):
-    """Plain PyTorch: AdamW(fused=True), decay only for ndim >= 2, clip_grad_norm_."""
-    model = tiny_gpt2(seed, checkpointing)
+def plain_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The reference optimizer: AdamW(fused=True), weight decay only for ndim >= 2 (the chunk
+    manager's default decay filter)."""
     params = list(model.parameters())
-    opt = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -63,11 +63,17 @@ def reference_run(steps: int = STEPS, checkpointing: bool = False, seed: int = 0
         lr=LR,
         fused=True,
     )
+
+
+def reference_run(steps: int = STEPS, checkpointing: bool = False, seed: int = 0):
+    """Plain PyTorch: AdamW(fused=True), decay only for ndim >= 2, clip_grad_norm_."""
+    model = tiny_gpt2(seed, checkpointing)
+    opt = plain_adamw(model)
     losses = []
     for b in batches(steps):
         loss = model(input_ids=b, labels=b).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())

@@ -4,7 +4,7 @@ error when the members cannot fit."""
 
 import pytest
 import torch
-from offload_helpers import CLIP, LR, WD, batches, spawn, tiny_gpt2
+from offload_helpers import CLIP, LR, WD, batches, plain_adamw, spawn, tiny_gpt2
 
 from offload import ChunkAdamW, ChunkConfig, ChunkManager, MemoryPool
 
@@ -22,12 +22,7 @@ def _cfg(budget, host=None, offload=1.0):
     )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pool_worker() -> dict:
@@ -45,15 +40,7 @@ def pool_worker() -> dict:
     opt = ChunkAdamW(actor, lr=LR, weight_decay=WD)
     plain = tiny_gpt2(0)
     frozen = tiny_gpt2(0).eval()
-    params = list(plain.parameters())
-    popt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": WD},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=LR,
-        fused=True,
-    )
+    popt = plain_adamw(plain)
     prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
     out: dict = {"tokens_equal": [], "loss_diff": [], "logits_diff": [], "order_kept": []}
     for step, b in enumerate(batches(3)):
@@ -83,7 +70,7 @@ def pool_worker() -> dict:
         opt.zero_grad()
         pl = plain(input_ids=b, labels=b).loss
         pl.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), CLIP)
         popt.step()
         popt.zero_grad()
         out["loss_diff"].append(abs(loss.item() - pl.item()))
