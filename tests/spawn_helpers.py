@@ -29,6 +29,10 @@ def _entry(rank: int, world: int, port: int, fn: Callable, out: str, args: tuple
     try:
         res = fn(*args)
         torch.save(res, Path(out) / f"rank{rank}.pt")
+        # every rank done before any tears down: a rank destroying its group while a peer's
+        # last (async) collective is still in flight aborted that peer once in CI
+        # ("terminate called without an active exception", SIGABRT, no Python error)
+        dist.barrier()
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
