@@ -86,18 +86,20 @@ class ChunkOptimizer(torch.optim.Optimizer):
         if todo is None:
             return False
         mgr = self.mgr
-        for c in mgr.optim_pass(
-            todo
-        ):  # chunks without a gradient are not even swapped in  # NVMe state read ahead / written behind
-            unused = [g for g in c.segments if not self._slot(c, g.name).has_grad]
+        # chunks without a gradient are not even swapped in; NVMe state is read ahead and
+        # written behind
+        for c in mgr.optim_pass(todo):
+            unused = self._unused_segments(c)
             saved = self._save(c, unused)
             self.update_shard(c, self._group_of[c.index])
             self._restore(c, unused, saved)
         mgr.after_step()
         return True
 
-    def _slot(self, c: Chunk, name: str):
-        return next(s for s in c.slots if s.name == name)
+    def _unused_segments(self, c: Chunk) -> list:
+        """Segments of ``c``'s shard whose parameter got no gradient this step."""
+        without = {s.name for s in c.slots if not s.has_grad}
+        return [g for g in c.segments if g.name in without]
 
     def _save(self, c: Chunk, segs) -> list[list[torch.Tensor]]:
         # params with no gradient this step are left untouched, as torch skips grad=None params

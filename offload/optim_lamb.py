@@ -117,7 +117,7 @@ class ChunkTrustOptimizer(ChunkOptimizer):
         # params without a gradient this step stay untouched, as torch skips grad=None params
         saved = {}
         for c in todo:
-            unused = [g for g in c.segments if not self._slot(c, g.name).has_grad]
+            unused = self._unused_segments(c)
             saved[c.index] = (unused, self._save(c, unused))
         by_group: dict[int, tuple[dict[str, Any], list[Chunk]]] = {}
         for c in todo:
