@@ -285,6 +285,7 @@ class ChunkManager:
         self._in_step = False
         self._flush_queued = False
         self._backward_active = False
+        self._read_ahead_done = False
         self._grads_prepared = False
         self._found_inf: bool | None = None
         self._hooks: list[Any] = []
@@ -715,6 +716,7 @@ class ChunkManager:
 
     def _backward_started(self) -> None:
         self._backward_active = True
+        self._read_ahead_done = False
         self._grads_prepared = False
         self._found_inf = None
         if not self._flush_queued:
@@ -739,6 +741,14 @@ class ChunkManager:
             self._begin_gather(c, async_op=False)
             self._end_gather(c)
         self._prefetch_gathers()
+        if (
+            self._backward_active
+            and self.swapper is not None
+            and not self._read_ahead_done
+            and self.order.frozen
+            and not self._upcoming(c)  # no parameter read left in this backward
+        ):
+            self._optim_read_ahead()
 
     @torch.no_grad()
     def _begin_gather(self, c: Chunk, async_op: bool) -> None:
@@ -820,7 +830,11 @@ class ChunkManager:
         out: list[Chunk] = []
         if self.order.frozen:
             seq, pos = self.order.sequence, self.order.position
-            for i in range(pos, pos + len(seq)):
+            # past the end of backward comes the optimizer step, which rewrites the shards: a
+            # read of the next forward's chunks then would be stale (the update pass hands
+            # those over itself); outside training the order wraps around
+            end = len(seq) if self._backward_active else pos + len(seq)
+            for i in range(pos, end):
                 nxt = self.chunks[seq[i % len(seq)]]
                 if len(out) >= want:
                     break
@@ -1182,8 +1196,13 @@ class ChunkManager:
         if self.swapper is None:
             yield from chunks
             return
+        update = write_back and keys is None
+        hand: list[int] = []
         if write_back and self.fetcher is not None:
             self.fetcher.release_buffers()  # no read may overlap an update; memory for the pass
+        if update:
+            chunks = self._pass_order(chunks)
+            hand = self._hand_over(chunks)
         self.swapper.settle_all()
         yield from self.swapper.iter_resident(
             chunks,
@@ -1191,13 +1210,63 @@ class ChunkManager:
             on_resident=self._scale_nvme_grad,
             before_write=self._sync_shard,
             keys=keys,
+            hand_over=hand,
+            defer_writes=update,
         )
         if write_back:
             self.swapper.release_buffers()  # forward / backward need the memory until next pass
+        for i, (buf, fut) in self.swapper.take_handed().items():
+            assert self.fetcher is not None
+            self.fetcher.adopt(self.chunks[i], buf, fut)
         release_host_memory()
-        host = self.tiers["host"]
-        staging = self.swapper.buffer_bytes() + (self.fetcher.buffer_bytes() if self.fetcher else 0)
+        self._account_staging()
+
+    def _account_staging(self) -> None:
+        host, sw = self.tiers["host"], self.swapper
+        assert sw is not None
+        staging = sw.buffer_bytes() + (self.fetcher.buffer_bytes() if self.fetcher else 0)
         host.account("staging", staging - host.bytes["staging"])
+
+    def _first_use(self) -> dict[int, int]:
+        """Chunk index -> position of its first access in the recorded step (forward first)."""
+        first: dict[int, int] = {}
+        for pos, i in enumerate(self.order.sequence):
+            first.setdefault(i, pos)
+        return first
+
+    def _pass_order(self, chunks) -> list[Chunk]:
+        """Order of an update pass with NVMe state: the chunks the next forward needs first
+        come last, so their updated masters are still in RAM when it starts (handed over to
+        the parameter fetcher) and their write-backs overlap its compute. Any order gives the
+        same result: each chunk's update is independent."""
+        chunks = list(chunks)
+        if self.fetcher is None or not self.order.frozen:
+            return chunks
+        first = self._first_use()
+        never = len(self.order.sequence)
+        return sorted(chunks, key=lambda c: -first.get(c.index, never))
+
+    def _hand_over(self, chunks: list[Chunk]) -> list[int]:
+        """The NVMe parameter chunks of this pass the next forward reads first (up to the
+        fetcher's depth): their updated masters go to the fetcher instead of back to disk and
+        in again."""
+        if self.fetcher is None or not self.order.frozen or self.fetcher.depth <= 0:
+            return []
+        first = self._first_use()
+        mine = [c for c in chunks if c.param_tier == "nvme" and c.index in first]
+        mine.sort(key=lambda c: first[c.index])
+        return [c.index for c in mine[: self.fetcher.depth]]
+
+    def _optim_read_ahead(self) -> None:
+        """Backward needs no more parameter reads: start reading the optimizer state of the
+        coming update pass's first chunks (the disk would otherwise idle while backward
+        computes). Only chunks the pass will visit, in its order."""
+        if self.swapper is None or self._read_ahead_done:
+            return
+        self._read_ahead_done = True
+        todo = [c for c in self.chunks if c.requires_grad and c.optim_tier == "nvme"]
+        self.swapper.read_ahead(self._pass_order(todo))
+        self._account_staging()
 
     @torch.no_grad()
     def _sync_shard(self, c: Chunk) -> None:
@@ -1262,16 +1331,19 @@ class ChunkManager:
     # ================================================================== reporting
     def min_nvme_bytes_per_step(self) -> int:
         """The least the NVMe tier must move per step (after the first) for this placement:
-        parameters read in forward and again in backward, gradients written once; AdamW reads
+        parameters read in forward (except the chunks the update pass hands over) and again in
+        backward, gradients written once; AdamW reads
         and writes m and v (and the fp32 master where it is not the working shard, or the NVMe
         parameter shard it updates) and reads back the gradient of an NVMe parameter shard."""
         io = 0
+        # the update pass hands the next forward's first chunks over in RAM (no forward read)
+        handed = set(self._hand_over([c for c in self.chunks if c.requires_grad]))
         for c in self.chunks:
             if not c.requires_grad:
                 continue
             s = c.shard_size * 4
             if c.param_tier == "nvme":
-                io += 2 * s + s
+                io += (1 if c.index in handed else 2) * s + s
             if c.optim_tier == "nvme":
                 master = int(self._separate_master(c) or c.param_tier == "nvme")
                 io += (2 + master + int(c.param_tier == "nvme")) * s  # reads

@@ -62,9 +62,10 @@ def _idx(chunk: Any) -> int:
     return chunk if isinstance(chunk, int) else chunk.index
 
 
-def _wait(futures: list[Future]) -> None:
+def _wait(futures: list) -> None:
+    """Wait for futures (or write records ``(chunk index, key, future, buffer)``)."""
     for f in futures:
-        f.result()
+        (f if isinstance(f, Future) else f[2]).result()
 
 
 class ShardSwapper:
@@ -89,6 +90,12 @@ class ShardSwapper:
         self.keys: dict[int, list[str]] = {}
         self._sets: list[dict[str, torch.Tensor]] = []
         self._n_sets = 0
+        # reads started before the pass (during backward, see read_ahead): chunk index ->
+        # (buffer set, {key: future or None when zero-filled})
+        self._early: dict[int, tuple[dict[str, torch.Tensor], dict[str, Future | None]]] = {}
+        # updated masters handed over at the end of a pass (the next forward's first chunks):
+        # chunk index -> (buffer, its write-back future)
+        self.handed: dict[int, tuple[torch.Tensor, Future]] = {}
         self.io_wait_s = 0.0  # time the compute thread waited for reads / writes
         self.io_s = 0.0  # wall time of pipelined passes
 
@@ -116,6 +123,8 @@ class ShardSwapper:
             self.settle(*next(iter(self.pending)))
         self.settle(chunk, key)
         idx = _idx(chunk)
+        if key in self._early.get(idx, ({}, {}))[1]:
+            self._drop_early(idx)  # read before this write: stale
         buf = self.store.empty(t.numel(), torch.float32)
         buf.copy_(t)
         fut = self.store.write(self.extents[(idx, key)], buf)
@@ -150,7 +159,7 @@ class ShardSwapper:
 
     # ---------------------------------------------------------------- buffers
     def _acquire(self, writes: deque) -> dict[str, torch.Tensor]:
-        if not self._sets and self._n_sets < self.depth + 2:
+        if not self._sets and (self._n_sets < self.depth + 2 or not writes):
             self._n_sets += 1
             return {}  # filled lazily per key below
         while not self._sets:
@@ -169,8 +178,51 @@ class ShardSwapper:
         return bufs[key]
 
     def buffer_bytes(self) -> int:
-        """Host bytes held by the buffer pool right now."""
-        return sum(b.nbytes for s in self._sets for b in s.values())
+        """Host bytes held by the buffer pool right now (read-ahead sets included)."""
+        sets = [*self._sets, *(b for b, _ in self._early.values())]
+        return sum(b.nbytes for s in sets for b in s.values())
+
+    # ---------------------------------------------------------------- read-ahead
+    def read_ahead(self, chunks: Iterable[Any]) -> None:
+        """Start the next pass's first reads now (the first ``depth + 1`` of ``chunks`` with
+        NVMe state; ``grad`` excluded: it may still be being written). The manager calls it
+        in backward once no parameter read is left, so the disk, idle while backward computes,
+        reads optimizer state; the pass picks the buffers up. A later write of a key read here
+        drops the read (:meth:`write_async`), so nothing stale is ever used."""
+        want = [c for c in chunks if self.keys.get(c.index)][: self.depth + 1]
+        for c in want:
+            if c.index in self._early:
+                continue
+            bufs, futs = self._acquire(deque()), {}
+            for k in self.keys[c.index]:
+                if k in READ_ONLY:
+                    continue
+                b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
+                if (c.index, k) in self.written:
+                    futs[k] = self.read_async(c, k, b)
+                else:
+                    b.zero_()
+                    futs[k] = None
+            self._early[c.index] = (bufs, futs)
+
+    def _drop_early(self, idx: int) -> None:
+        bufs, futs = self._early.pop(idx)
+        for f in futs.values():
+            if f is not None:
+                with contextlib.suppress(Exception):  # the pass that needs it reads again
+                    f.result()
+        self._sets.append(bufs)
+
+    def drop_read_ahead(self, keep: Iterable[int] = ()) -> None:
+        """Forget read-ahead buffers (except those of chunks in ``keep``): their sets return
+        to the pool."""
+        keep = set(keep)
+        for idx in [i for i in self._early if i not in keep]:
+            self._drop_early(idx)
+
+    def take_handed(self) -> dict[int, tuple[torch.Tensor, Future]]:
+        out, self.handed = self.handed, {}
+        return out
 
     def release_buffers(self) -> None:
         """Free the pool (between optimizer passes forward / backward need the memory)."""
@@ -185,10 +237,18 @@ class ShardSwapper:
         on_resident=None,
         before_write=None,
         keys: Iterable[str] | None = None,
+        hand_over: Iterable[int] = (),
+        defer_writes: bool = False,
     ) -> Iterator[Any]:
         """Yield every chunk; those with NVMe state come with it in ``chunk.optim_state[key]``
         (views into pooled buffers), read ``depth`` chunks ahead and written back behind.
-        ``keys`` limits what is brought in (e.g. only ``master`` to read parameters)."""
+        ``keys`` limits what is brought in (e.g. only ``master`` to read parameters).
+
+        A full update pass (``write_back``, all keys) uses the buffers :meth:`read_ahead`
+        filled. ``hand_over``: chunks whose updated ``master`` buffer is kept after its
+        write-back is issued (in :attr:`handed`, for the next forward to use instead of reading
+        it back). ``defer_writes``: the last write-backs are not waited for; they stay pending
+        like background writes (a read of the same key waits for them first)."""
         chunks = list(chunks)
         want = None if keys is None else set(keys)
         sel = {
@@ -196,15 +256,23 @@ class ShardSwapper:
             for c in chunks
         }
         todo = deque(c for c in chunks if sel[c.index])
+        if write_back and want is None:  # read-ahead is for the first chunks of this pass
+            self.drop_read_ahead(keep=[c.index for c in list(todo)[: self.depth + 1]])
+        else:
+            self.drop_read_ahead()
+        hand = set(hand_over) if write_back else set()
         reads: deque = deque()
         writes: deque = deque()
         t_start = time.perf_counter()
 
         def issue() -> None:
             c = todo.popleft()
-            bufs = self._acquire(writes)
-            futs = []
+            early = self._early.pop(c.index, None)
+            bufs, done = early if early is not None else (self._acquire(writes), {})
+            futs = [f for f in done.values() if f is not None]
             for k in sel[c.index]:
+                if k in done:
+                    continue
                 b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
                 if (c.index, k) in self.written:
                     futs.append(self.read_async(c, k, b))
@@ -237,8 +305,11 @@ class ShardSwapper:
                         if k in READ_ONLY:
                             continue
                         ext = self.extents[(c.index, k)]
-                        wf.append(self.store.write(ext, bufs[k][: c.shard_size]))
+                        fut = self.store.write(ext, bufs[k][: c.shard_size])
+                        wf.append((c.index, k, fut, bufs[k]))
                         self.written.add((c.index, k))
+                        if k == "master" and c.index in hand:
+                            self.handed[c.index] = (bufs.pop(k), fut)
                     writes.append((bufs, wf))
                 else:
                     self._sets.append(bufs)
@@ -253,14 +324,20 @@ class ShardSwapper:
                     _wait(futs)
                 self._sets.append(bufs)
             while writes:
-                bufs, futs = writes.popleft()
-                _wait(futs)
-                self._sets.append(bufs)
+                bufs, wf = writes.popleft()
+                if defer_writes:  # pending writes hold their buffers; the set is not reused
+                    for idx, k, fut, buf in wf:
+                        self.pending[(idx, k)] = (fut, buf)
+                else:
+                    _wait(wf)
+                    self._sets.append(bufs)
             self.io_wait_s += time.perf_counter() - t0
             self.io_s += time.perf_counter() - t_start
 
     def close(self) -> None:
         self._sets.clear()
+        self._early.clear()
+        self.handed.clear()
         self.pending.clear()
         self.store.close()
 
@@ -329,6 +406,15 @@ class ParamFetcher:
         fut.result()
         self.sw.io_wait_s += time.perf_counter() - t0
         return buf
+
+    def adopt(self, c: Any, buf: torch.Tensor, fut: Future) -> None:
+        """Take ``buf`` (holding ``c``'s current shard; ``fut`` its write-back) as if it had
+        been prefetched: the next ``take(c)`` uses it without a read."""
+        if c.index in self.inflight or len(self._all) > self.depth:
+            fut.result()  # no room in the pool: the shard is read back when needed
+            return
+        self._all.append(buf)
+        self.inflight[c.index] = (buf, fut)
 
     def give(self, buf: torch.Tensor) -> None:
         self._free.append(buf)
