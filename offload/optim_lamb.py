@@ -224,7 +224,7 @@ class ChunkLamb(ChunkTrustOptimizer):
         coefs = trust_fused.lamb_bias_coefs(
             torch.stack(steps), b1, b2, group["bias_correction"]
         ).unbind()
-        segs, w, d, part, ctx = [], [], [], [], []
+        segs, w, d, part = [], [], [], []
         small: list[list] = [[], [], [], [], []]  # grads, m, v, w, steps
         for c, st, cf in zip(chunks, steps, coefs):
             m, v = mgr.alloc_state(c, "exp_avg"), mgr.alloc_state(c, "exp_avg_sq")
@@ -233,14 +233,11 @@ class ChunkLamb(ChunkTrustOptimizer):
                 views = (c.master[a:b], c.grad_shard[a:b], m[a:b], v[a:b])
                 segs.append(s)
                 w.append(views[0])
+                d.append(views[1])  # the gradient shard is consumed: d = -(r + wd w) into it
                 if trust_fused.fusable(*views):
-                    part.append(trust_fused.lamb_pass1_(*views, hp, cf))
-                    d.append(None)
-                    ctx.append((views[2], views[3], cf))
+                    part.append(trust_fused.lamb_pass1_into_grad_(*views, hp, cf))
                 else:
-                    part.append(None)
-                    d.append(views[1])  # written in place below: d = -(r + wd w)
-                    ctx.append(None)
+                    part.append(None)  # written in place below
                     for lst, x in zip(small, (views[1], views[2], views[3], views[0], st)):
                         lst.append(x)
         if small[0]:
@@ -257,7 +254,7 @@ class ChunkLamb(ChunkTrustOptimizer):
                 weight_decay=group["weight_decay"],
                 bias_correction=group["bias_correction"],
             )
-        return segs, w, d, part, (hp, ctx)
+        return segs, w, d, part, None
 
     def direction(self, chunks, group):
         steps = []
@@ -288,21 +285,9 @@ class ChunkLamb(ChunkTrustOptimizer):
         return lamb_trust_ratio(w_sq, d_sq, group["phi_min"], group["phi_max"], group["trust_clip"])
 
     def apply(self, chunks, group, segs, w, d, ratio, ctx=None) -> None:
-        scale = list((ratio * group["lr"]).unbind())
-        if ctx is None:
-            torch._foreach_addcmul_(w, d, scale)
-            return
-        hp, per_seg = ctx
-        rest = []
-        for k, x in enumerate(per_seg):
-            if x is None:
-                rest.append(k)
-            else:  # pass 2: w -= lr * ratio * u, u recomputed from m, v, w
-                trust_fused.lamb_pass2_(w[k], x[0], x[1], hp, x[2], scale[k])
-        if rest:
-            torch._foreach_addcmul_(
-                [w[k] for k in rest], [d[k] for k in rest], [scale[k] for k in rest]
-            )
+        # every segment's gradient view holds d = -u (fused pass 1 or the multi-tensor path):
+        # w += lr * ratio * d in one native call
+        torch._foreach_addcmul_(w, d, list((ratio * group["lr"]).unbind()))
 
 
 class ChunkLars(ChunkTrustOptimizer):

@@ -95,11 +95,11 @@ def _adamw(fused: bool) -> Callable:
     return lambda ps: torch.optim.AdamW(_groups(ps), lr=1e-3, fused=fused, foreach=not fused)
 
 
-def _lamb(fused: bool) -> Callable:
+def _lamb(fused: bool, grad_as_workspace: bool = True) -> Callable:
     def make(ps):
         from colossus.optim import Lamb
 
-        return Lamb(_groups(ps), lr=1e-3, fused=fused)
+        return Lamb(_groups(ps), lr=1e-3, fused=fused, grad_as_workspace=grad_as_workspace)
 
     return make
 
@@ -124,10 +124,16 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "adamw-foreach": ("adamw", _adamw(False)),
     "lamb-fused": ("lamb", _lamb(True)),
     "lamb-foreach": ("lamb", _lamb(False)),
+    "lamb-fused-keep-grad": ("lamb", _lamb(True, grad_as_workspace=False)),
     "lars-fused": ("lars", _lars(True)),
     "lars-foreach": ("lars", _lars(False)),
     "lamb-torch-optimizer": ("lamb", _torch_optimizer_lamb),
 }
+
+
+# variants whose step overwrites the gradients (LAMB's default grad_as_workspace): they get their
+# own copy, refreshed before every timed step as a backward pass would (not timed)
+CONSUMES_GRADS = {"lamb-fused", "lamb-foreach"}
 
 
 def _build(name: str, shapes, grads: list[torch.Tensor]):
@@ -136,13 +142,14 @@ def _build(name: str, shapes, grads: list[torch.Tensor]):
     params = []
     for s, gr in zip(shapes, grads):
         p = torch.nn.Parameter(torch.empty(s).uniform_(-0.05, 0.05, generator=g))
-        p.grad = gr  # every variant steps on the same gradients (shared: less memory)
+        # the others step on the same gradients (shared: less memory)
+        p.grad = gr.clone() if name in CONSUMES_GRADS else gr
         params.append(p)
     opt = make(params)
     t = time.perf_counter()
     opt.step()  # warm-up: state allocated and faulted in, fused kernels compiled
     first = time.perf_counter() - t
-    return kind, opt, sum(p.numel() for p in params), first
+    return kind, opt, sum(p.numel() for p in params), first, params
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,16 +176,18 @@ def run(args: argparse.Namespace) -> int:
     dst = torch.empty_like(src)
     dst.copy_(src)
     for _ in range(args.steps):
+        for name in CONSUMES_GRADS & set(built):
+            torch._foreach_copy_([p.grad for p in built[name][4]], grads)
         t = time.perf_counter()
-        dst.copy_(src)
+        dst.copy_(src)  # also evicts the refreshed gradients from the caches
         bws.append(2 * src.nbytes / (time.perf_counter() - t))
-        for name, (_, opt, _, _) in built.items():
+        for name, (_, opt, _, _, _) in built.items():
             t = time.perf_counter()
             opt.step()
             times[name].append(time.perf_counter() - t)
     del src, dst
     bw = median(bws)
-    for name, (kind, _, n, first) in built.items():
+    for name, (kind, _, n, first, _) in built.items():
         r = {"name": name, "kind": kind, "params": n, "step_time_s": median(times[name])}
         r["step_time_min_s"] = min(times[name])
         r["first_step_s"] = first

@@ -23,15 +23,21 @@ adaptation``           : bias / norm True)       (BERT's LAMB skips the ratio fo
 =====================  ========================  ===============================================
 
 A step is a few passes over memory. Fused path (``fused``, default on CPU where
-``torch.compile`` works): per large fp32 tensor, pass 1 updates the moments and returns
-``||w||^2, ||u||^2`` without storing ``u``; ONE call of ``norm_reducer`` (sharded parameters,
-see :mod:`colossus.optim.reducer`); pass 2 recomputes ``u`` and applies it (10 element accesses
-per parameter, :mod:`offload.trust_fused`). Multi-tensor path (small tensors, or ``fused=False``):
-one ``torch._fused_adamw_`` call per group computes the moments and the Adam direction into a
-workspace (one fp32 buffer per parameter, kept between steps, not part of the state dict; with
-weight decay it starts as a copy of w), one ``_foreach_norm`` over weights and updates, the same
-single reducer call, one ``_foreach_addcmul_`` applies the scaled update (14 accesses). No
-per-parameter ``.item()`` on either path.
+``torch.compile`` works): per large fp32 tensor, pass 1 updates the moments, returns
+``||w||^2, ||u||^2`` and (``grad_as_workspace``, the default) stores ``d = -u`` into the
+gradient; ONE call of ``norm_reducer`` (sharded parameters, see :mod:`colossus.optim.reducer`);
+pass 2 is one native ``torch._foreach_addcmul_`` over all parameters, ``w += lr * ratio * d``
+(10 element accesses per parameter, 7 of them in pass 1 like fused AdamW:
+:mod:`offload.trust_fused`). With ``grad_as_workspace=False`` pass 1 leaves the gradient alone and
+a compiled pass 2 per tensor recomputes ``u`` from ``m, v, w`` (also 10 accesses; slower, see
+``docs/benchmarks.md``). Multi-tensor path (small tensors, or ``fused=False``): one
+``torch._fused_adamw_`` call per group computes the moments and the Adam direction into a
+workspace (the gradients; with ``grad_as_workspace=False`` one fp32 buffer per parameter, kept
+between steps, not part of the state dict, starting as a copy of w with weight decay), one
+``_foreach_norm`` over weights and updates, the same single reducer call, one
+``_foreach_addcmul_`` applies the scaled update (14 accesses; 15 with the gradient as workspace
+and weight decay: the decay is a separate pass there). No per-parameter ``.item()`` on
+either path.
 
 Example::
 
@@ -68,7 +74,13 @@ class Lamb(torch.optim.Optimizer):
     ``fused``: the two-pass compiled kernels of :mod:`offload.trust_fused` (10 element accesses
     per parameter instead of 14) for fp32 tensors of at least ``FUSED_MIN_NUMEL`` elements.
     None (default) = on CPU when they compile (else one warning and the multi-tensor path);
-    True = required (error if they do not compile); False = the multi-tensor path only."""
+    True = required (error if they do not compile); False = the multi-tensor path only.
+
+    ``grad_as_workspace`` (default True): the step overwrites each ``p.grad`` with its update
+    direction (the gradient is dead after the step in a training loop that zeroes or frees
+    gradients after ``step()``, as ``Trainer`` does); it saves a pass (fused) or a buffer the
+    size of the model (multi-tensor path). False keeps ``p.grad`` as it was (needed when
+    gradients are read after the step, e.g. accumulated over steps on purpose, or logged)."""
 
     def __init__(
         self,
@@ -85,6 +97,7 @@ class Lamb(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         norm_reducer: NormReducer | None = None,
         fused: bool | None = None,
+        grad_as_workspace: bool = True,
     ) -> None:
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError(
@@ -109,6 +122,7 @@ class Lamb(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.norm_reducer = norm_reducer
         self.fused = fused
+        self.grad_as_workspace = grad_as_workspace
         self._work: dict[torch.Tensor, torch.Tensor] = {}
 
     def _workspace(self, p: torch.Tensor) -> torch.Tensor:
@@ -147,6 +161,8 @@ class Lamb(torch.optim.Optimizer):
                 self.norm_reducer(gsq, params)
             grad_scale = (gsq.sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
         fused = trust_fused.want_fused(self.fused, params[0].device)
+        scratch = self.grad_as_workspace
+        pass1 = trust_fused.lamb_pass1_into_grad_ if scratch else trust_fused.lamb_pass1_
         n_all = len(params)
         plan = []  # per group: (group, ps, foreach positions, fused positions, hp, coefs)
         works, small_pos, parts, big_pos = [], [], [], []
@@ -163,7 +179,7 @@ class Lamb(torch.optim.Optimizer):
                     p, p.grad, self.state[p]["exp_avg"], self.state[p]["exp_avg_sq"]
                 )
             ]
-            small = sorted(set(range(len(ps))) - set(big))
+            small = sorted(set(range(len(ps))) - set(big)) if big else list(range(len(ps)))
             hp = coefs = None
             if big:  # pass 1: moments and both norms in one read of g, m, v, w
                 hp = trust_fused.lamb_hparams(
@@ -174,18 +190,19 @@ class Lamb(torch.optim.Optimizer):
                 ).unbind()
                 for j, c in zip(big, coefs):
                     st = self.state[ps[j]]
-                    parts.append(
-                        trust_fused.lamb_pass1_(
-                            ps[j], ps[j].grad, st["exp_avg"], st["exp_avg_sq"], hp, c
-                        )
-                    )
+                    parts.append(pass1(ps[j], ps[j].grad, st["exp_avg"], st["exp_avg_sq"], hp, c))
                 big_pos += [i + j for j in big]
             if small:
                 sp = [ps[j] for j in small]
-                work = [self._workspace(p) for p in sp]
+                work = [p.grad if scratch else self._workspace(p) for p in sp]
+                grads = [p.grad for p in sp]
+                g_scale = grad_scale
+                if grad_scale is not None and not scratch:
+                    # torch._fused_adamw_ divides its gradients by grad_scale in place
+                    grads, g_scale = torch._foreach_div(grads, grad_scale), None
                 lamb_direction_(
                     work,
-                    [p.grad for p in sp],
+                    grads,
                     [self.state[p]["exp_avg"] for p in sp],
                     [self.state[p]["exp_avg_sq"] for p in sp],
                     sp,
@@ -195,7 +212,7 @@ class Lamb(torch.optim.Optimizer):
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                     bias_correction=group["bias_correction"],
-                    grad_scale=grad_scale,
+                    grad_scale=g_scale,
                 )
                 works += work
                 small_pos += [i + j for j in small]
@@ -212,6 +229,7 @@ class Lamb(torch.optim.Optimizer):
         if self.norm_reducer is not None:
             self.norm_reducer(sq, params)  # the one collective of the step
         i, k = 0, 0
+        scales: list[torch.Tensor] = []
         for group, ps, small, big, hp, coefs in plan:
             n = len(ps)
             if group["exclude_from_adaptation"]:
@@ -225,6 +243,10 @@ class Lamb(torch.optim.Optimizer):
                     group["trust_clip"],
                 )
             scale = (ratio * group["lr"]).to(ps[0].dtype).unbind()
+            i += n
+            if scratch:  # every gradient holds d = -u now: one axpy over all, below
+                scales += scale
+                continue
             for j, c in zip(big, coefs or ()):  # pass 2: w -= lr * ratio * u, u recomputed
                 st = self.state[ps[j]]
                 trust_fused.lamb_pass2_(ps[j], st["exp_avg"], st["exp_avg_sq"], hp, c, scale[j])
@@ -234,5 +256,6 @@ class Lamb(torch.optim.Optimizer):
                     [ps[j] for j in small], works[k : k + len(small)], [scale[j] for j in small]
                 )
                 k += len(small)
-            i += n
+        if scratch:  # pass 2: w += lr * ratio * d, 3 element accesses, one native call
+            torch._foreach_addcmul_(params, [p.grad for p in params], scales)
         return loss

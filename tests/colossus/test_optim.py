@@ -122,8 +122,9 @@ def fused(request, monkeypatch):
     return True
 
 
-def _run_lamb(opts: dict, fused: bool | None = False):
+def _run_lamb(opts: dict, fused: bool | None = False, grad_as_workspace: bool = True):
     o = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.05, "fused": fused}
+    o["grad_as_workspace"] = grad_as_workspace
     o.update(opts)
     excl = o.pop("exclude_adapt", False)
     params, targets, noise = _problem()
@@ -137,7 +138,11 @@ def _run_lamb(opts: dict, fused: bool | None = False):
         for n, p in params.items():
             p.grad = g[n].clone()
         opt.step()
-    if fused:  # the compiled kernels took the large tensors: no workspace for them
+    if not grad_as_workspace:  # the gradients are left as they were
+        assert all(torch.equal(p.grad, grads[-1][n]) for n, p in params.items())
+    if grad_as_workspace:  # the gradients were the workspace: no buffers of the optimizer's
+        assert not opt._work
+    elif fused:  # the compiled kernels took the large tensors: no workspace for them
         assert params["w1"] not in opt._work and params["bias"] in opt._work
     ref = ref_lamb(
         w0,
@@ -156,9 +161,10 @@ def _run_lamb(opts: dict, fused: bool | None = False):
     return params, ref
 
 
+@pytest.mark.parametrize("grad_as_workspace", [True, False], ids=["grad-workspace", "keep-grad"])
 @pytest.mark.parametrize("case", list(LAMB_CASES))
-def test_lamb_matches_float64_paper(case, fused):
-    params, ref = _run_lamb(LAMB_CASES[case], fused)
+def test_lamb_matches_float64_paper(case, fused, grad_as_workspace):
+    params, ref = _run_lamb(LAMB_CASES[case], fused, grad_as_workspace)
     moved = 0.0
     for n, p in params.items():
         err = _err(p, ref[n])
