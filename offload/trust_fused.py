@@ -68,10 +68,16 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 FUSED_MIN_NUMEL = 1 << 16
 """Tensors (or shard segments) with fewer elements use the multi-tensor path in ``auto`` and
 ``fused=True`` mode alike (per-call overhead beats their memory time)."""
+
+FUSED_BATCH = 8
+""":func:`lamb_pass1_into_grad_many_` runs this many tensors per compiled call (one graph of
+``FUSED_BATCH`` loops, compiled on first use): one Python dispatch of ``torch.compile`` (tens of
+microseconds) per batch instead of per tensor. 1 = one call per tensor."""
 
 _OPTIONS = {"realize_reads_threshold": 0}
 
@@ -103,6 +109,12 @@ def _lamb_pass1_into_grad(w, g, m, v, hp, c):
     v.copy_(v_new)
     g.copy_(d)
     return torch.stack([(w * w).sum(), (d * d).sum()])
+
+
+def _lamb_pass1_into_grad_many(ws, gs, ms, vs, hp, cs):
+    # FUSED_BATCH tensors of any sizes in one graph: one loop each, [2, FUSED_BATCH] norms
+    parts = [_lamb_pass1_into_grad(*t, hp, cs[i]) for i, t in enumerate(zip(ws, gs, ms, vs))]
+    return torch.stack(parts, 1)
 
 
 def _lamb_pass2(w, m, v, hp, c, scale):
@@ -149,6 +161,17 @@ class _Compiled:
                     self.ok, self.error = False, f"{type(e).__name__}: {e}"
                 self.compile_s = time.perf_counter() - t
             return self.ok
+
+    def batched(self) -> Callable:
+        """The compiled :func:`_lamb_pass1_into_grad_many` (built on first use: only a group
+        of at least ``FUSED_BATCH`` large tensors pays its compile)."""
+        with self._lock:
+            fn = self.fns.get("lamb1g_many")
+            if fn is None:
+                fn = self.fns["lamb1g_many"] = torch.compile(
+                    _lamb_pass1_into_grad_many, dynamic=True, fullgraph=True, options=_OPTIONS
+                )
+            return fn
 
     def _check(self) -> None:
         # one size above Inductor's 4096 reduction split (the large tensors use that graph)
@@ -267,6 +290,26 @@ def lamb_pass1_into_grad_(w, g, m, v, hp, c) -> torch.Tensor:
     moments updated in place; returns ``[||w||^2, ||u||^2]``. Pass 2 is then the native
     ``w += lr * ratio * d`` (``torch._foreach_addcmul_``), 3 element accesses."""
     return _KERNELS.fns["lamb1g"](w.view(-1), g.view(-1), m.view(-1), v.view(-1), hp, c)
+
+
+def lamb_pass1_into_grad_many_(ws, gs, ms, vs, hp, coefs: torch.Tensor) -> torch.Tensor:
+    """:func:`lamb_pass1_into_grad_` on lists of tensors (``coefs``: ``[n, 2]``, row ``i`` for
+    tensor ``i``), :data:`FUSED_BATCH` per compiled call; returns ``[2, n]``."""
+    n, b = len(ws), FUSED_BATCH
+    parts, k = [], 0
+    flat = [[t.view(-1) for t in ts] for ts in (ws, gs, ms, vs)]
+    if b > 1 and n >= b:
+        fn = _KERNELS.batched()
+        # no duck sizing: equal sizes within a batch get no equality guard, so batches of other
+        # size patterns (the next layers, another model) reuse the one graph
+        with fx_config.patch(use_duck_shape=False):
+            while n - k >= b:
+                parts.append(fn(*(f[k : k + b] for f in flat), hp, coefs[k : k + b]))
+                k += b
+    parts += [
+        _KERNELS.fns["lamb1g"](*(f[i] for f in flat), hp, coefs[i])[:, None] for i in range(k, n)
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def lamb_pass2_(w, m, v, hp, c, scale: torch.Tensor) -> None:

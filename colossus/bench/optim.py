@@ -2,7 +2,8 @@
 
 The parameters are the tensors of a GPT-2-like model (token embedding, then per layer the qkv /
 proj / fc / fc-proj matrices, their biases and two LayerNorms) scaled to ``--params``. Each
-optimizer steps on the same gradients; the step time (median of ``--steps`` after a warm-up) is
+optimizer steps on the same gradients (LAMB, which overwrites them by default, on its own copy,
+refreshed before every timed step and not timed, as a backward pass would); the step time (median of ``--steps`` after a warm-up) is
 compared with its memory-bandwidth bound: the fewest bytes the algorithm must touch per
 parameter (fp32), divided by the copy bandwidth measured in the same run (``dst.copy_(src)``
 over a buffer far larger than the caches; read + write bytes counted).
@@ -10,10 +11,12 @@ over a buffer far larger than the caches; read + write bytes counted).
 Bytes per parameter, at least (reads + writes of 4-byte elements):
 
 * AdamW: read w, g, m, v; write w, m, v: 28.
-* LAMB: two passes, since no part of the update can be applied before its norm is known: read
-  w, g, m, v and write m, v (norms of w and of the update u on the fly, u not stored), then read
-  w, m, v and write w (u recomputed): 40. The fused path (``lamb-fused``,
-  :mod:`offload.trust_fused`) is this; the multi-tensor path (``lamb-foreach``) touches 56.
+* LAMB: two passes, since no part of the update can be applied before its norm is known: 40.
+  The fused path (``lamb-fused``, :mod:`offload.trust_fused`, the gradient as workspace) reads
+  w, g, m, v and writes m, v and the update into g (norms of w and of the update on the fly),
+  then reads w and the update and writes w; ``lamb-fused-keep-grad`` (``grad_as_workspace=False``)
+  writes only m, v in pass 1 and recomputes the update from w, m, v in pass 2. Both touch 40; the
+  multi-tensor path (``lamb-foreach``) 56-60.
 * LARS (momentum): read w, g (norms), then read w, g, buf; write buf, w: 28 (the fused path;
   ``lars-foreach`` touches 52).
 
