@@ -838,7 +838,14 @@ class ChunkManager:
                 nxt = self.chunks[seq[i % len(seq)]]
                 if len(out) >= want:
                     break
-                if nxt.param_tier == "nvme" and not nxt.resident and nxt not in out:
+                # c itself is not resident yet while it is being fetched: a read of it now
+                # would be cancelled as soon as it is used again (a wasted read)
+                if (
+                    nxt.param_tier == "nvme"
+                    and not nxt.resident
+                    and nxt is not c
+                    and nxt not in out
+                ):
                     out.append(nxt)
             return out
         step = -1 if self._backward_active else 1
@@ -1331,8 +1338,9 @@ class ChunkManager:
     # ================================================================== reporting
     def min_nvme_bytes_per_step(self) -> int:
         """The least the NVMe tier must move per step (after the first) for this placement:
-        parameters read in forward (except the chunks the update pass hands over) and again in
-        backward, gradients written once; AdamW reads
+        each parameter shard read once (none for the chunks the update pass hands over to the
+        next forward; every re-read on top, e.g. in backward after a release, is the price of
+        not keeping parameters in RAM), gradients written once; AdamW reads
         and writes m and v (and the fp32 master where it is not the working shard, or the NVMe
         parameter shard it updates) and reads back the gradient of an NVMe parameter shard."""
         io = 0
@@ -1343,7 +1351,7 @@ class ChunkManager:
                 continue
             s = c.shard_size * 4
             if c.param_tier == "nvme":
-                io += (1 if c.index in handed else 2) * s + s
+                io += (0 if c.index in handed else 1) * s + s
             if c.optim_tier == "nvme":
                 master = int(self._separate_master(c) or c.param_tier == "nvme")
                 io += (2 + master + int(c.param_tier == "nvme")) * s  # reads

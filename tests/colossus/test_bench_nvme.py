@@ -25,8 +25,9 @@ def test_bench_nvme_small(tmp_path):
     assert s["read_gb"] > 0 and s["written_gb"] > 0 and s["tier_gbps"] > 0
     assert math.isfinite(s["step_vs_bound"]) and s["step_vs_bound"] > 0
     # params, grads and Adam state all on NVMe: the step moves what the plan says it must
-    # (params read twice, grads written and read back, master/m/v read and written), plus
-    # re-reads of chunks used more than twice a step (the tied embedding: 4 uses) and the
-    # 4 KiB alignment of each extent
+    # (each parameter shard read once but those the update pass hands over, grads written and
+    # read back, master/m/v read and written), plus the re-read of the chunk holding the tied
+    # embedding (first and last module of forward: released in between) and the 4 KiB
+    # alignment of each extent
     assert 1.0 <= s["moved_vs_min"] <= 1.15, s
     assert list((tmp_path / "d").iterdir()) == []  # probe and training stores cleaned up
