@@ -210,9 +210,9 @@ class ChunkLamb(ChunkTrustOptimizer):
 
     def phase1(self, chunks, group):
         """Fused path: pass 1 of :mod:`offload.trust_fused` on every large segment (moments,
-        partial squares and ``d = -u`` into the consumed gradient shard in one loop,
-        ``FUSED_BATCH`` segments per compiled call); the small segments go through one
-        multi-tensor :func:`lamb_direction_` call. Either way :meth:`apply` is one native axpy."""
+        partial squares and ``d = -u`` into the consumed gradient shard in one loop); the
+        small segments go through one multi-tensor :func:`lamb_direction_` call. Either way
+        :meth:`apply` is then one native axpy."""
         if not chunks or not trust_fused.want_fused(self.fused, chunks[0].master.device):
             return super().phase1(chunks, group)
         mgr = self.mgr
@@ -227,7 +227,6 @@ class ChunkLamb(ChunkTrustOptimizer):
         ).unbind()
         segs, w, d, part = [], [], [], []
         small: list[list] = [[], [], [], [], []]  # grads, m, v, w, steps
-        big: list[list] = [[], [], [], [], [], []]  # w, g, m, v, coefs, position
         for c, st, cf in zip(chunks, steps, coefs):
             m, v = mgr.alloc_state(c, "exp_avg"), mgr.alloc_state(c, "exp_avg_sq")
             for s in c.segments:
@@ -236,17 +235,12 @@ class ChunkLamb(ChunkTrustOptimizer):
                 segs.append(s)
                 w.append(views[0])
                 d.append(views[1])  # the gradient shard is consumed: d = -(r + wd w) into it
-                part.append(None)
                 if trust_fused.fusable(*views):
-                    for lst, x in zip(big, (*views, cf, len(part) - 1)):
-                        lst.append(x)
-                else:  # written in place below
+                    part.append(trust_fused.lamb_pass1_into_grad_(*views, hp, cf))
+                else:
+                    part.append(None)  # written in place below
                     for lst, x in zip(small, (views[1], views[2], views[3], views[0], st)):
                         lst.append(x)
-        if big[0]:  # pass 1 of the fused segments, several per compiled call
-            sq = trust_fused.lamb_pass1_into_grad_many_(*big[:4], hp, torch.stack(big[4]))
-            for q, k in enumerate(big[5]):
-                part[k] = sq[:, q]
         if small[0]:
             lamb_direction_(
                 small[0],

@@ -3,10 +3,11 @@
 The parameters are the tensors of a GPT-2-like model (token embedding, then per layer the qkv /
 proj / fc / fc-proj matrices, their biases and two LayerNorms) scaled to ``--params``. Each
 optimizer steps on the same gradients (LAMB, which overwrites them by default, on its own copy,
-refreshed before every timed step and not timed, as a backward pass would); the step time (median of ``--steps`` after a warm-up) is
-compared with its memory-bandwidth bound: the fewest bytes the algorithm must touch per
-parameter (fp32), divided by the copy bandwidth measured in the same run (``dst.copy_(src)``
-over a buffer far larger than the caches; read + write bytes counted).
+refreshed before every timed step and not timed, as a backward pass would); the step time
+(median of ``--steps`` after a warm-up) is compared with its memory-bandwidth bound: the fewest
+bytes the algorithm must touch per parameter (fp32), divided by the copy bandwidth measured in
+the same run (``dst.copy_(src)`` over a buffer far larger than the caches; read + write bytes
+counted).
 
 Bytes per parameter, at least (reads + writes of 4-byte elements):
 

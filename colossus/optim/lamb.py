@@ -162,6 +162,7 @@ class Lamb(torch.optim.Optimizer):
             grad_scale = (gsq.sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
         fused = trust_fused.want_fused(self.fused, params[0].device)
         scratch = self.grad_as_workspace
+        pass1 = trust_fused.lamb_pass1_into_grad_ if scratch else trust_fused.lamb_pass1_
         n_all = len(params)
         plan = []  # per group: (group, ps, foreach positions, fused positions, hp, coefs)
         works, small_pos, parts, big_pos = [], [], [], []
@@ -186,20 +187,10 @@ class Lamb(torch.optim.Optimizer):
                 )
                 coefs = trust_fused.lamb_bias_coefs(
                     torch.stack([steps[j] for j in big]), b1, b2, group["bias_correction"]
-                )
-                bp = [ps[j] for j in big]
-                ms = [self.state[p]["exp_avg"] for p in bp]
-                vs = [self.state[p]["exp_avg_sq"] for p in bp]
-                if scratch:  # several tensors per compiled call: fewer Python dispatches
-                    parts.append(
-                        trust_fused.lamb_pass1_into_grad_many_(
-                            bp, [p.grad for p in bp], ms, vs, hp, coefs
-                        )
-                    )
-                else:
-                    coefs = coefs.unbind()
-                    for t in zip(bp, [p.grad for p in bp], ms, vs, coefs):
-                        parts.append(trust_fused.lamb_pass1_(*t[:4], hp, t[4])[:, None])
+                ).unbind()
+                for j, c in zip(big, coefs):
+                    st = self.state[ps[j]]
+                    parts.append(pass1(ps[j], ps[j].grad, st["exp_avg"], st["exp_avg_sq"], hp, c))
                 big_pos += [i + j for j in big]
             if small:
                 sp = [ps[j] for j in small]
@@ -232,7 +223,7 @@ class Lamb(torch.optim.Optimizer):
             sq = column_sq_norms([params, works])
         else:
             sq = torch.zeros(2, n_all, device=params[0].device)
-            sq[:, big_pos] = torch.cat(parts, 1)
+            sq[:, big_pos] = torch.stack(parts, 1)
             if small_pos:
                 sq[:, small_pos] = column_sq_norms([[params[k] for k in small_pos], works])
         if self.norm_reducer is not None:

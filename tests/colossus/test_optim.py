@@ -112,15 +112,13 @@ LAMB_CASES = {
 @pytest.fixture(params=["foreach", "fused"])
 def fused(request, monkeypatch):
     """Both LAMB / LARS paths: ``fused`` runs the compiled kernels of offload.trust_fused on the
-    tensors of at least 13 elements (w1, w3; LAMB's pass 1 with the gradient as workspace: both
-    in one batched call) and the multi-tensor path on the others, so the mixed bookkeeping is
-    exercised too."""
+    tensors of at least 13 elements (w1, w3) and the multi-tensor path on the others, so the
+    mixed bookkeeping is exercised too."""
     if request.param == "foreach":
         return False
     import offload.trust_fused as tf
 
     monkeypatch.setattr(tf, "FUSED_MIN_NUMEL", 13)
-    monkeypatch.setattr(tf, "FUSED_BATCH", 2)
     return True
 
 
@@ -366,7 +364,6 @@ def test_fused_kernels_do_not_recompile(monkeypatch):
     import offload.trust_fused as tf
 
     monkeypatch.setattr(tf, "FUSED_MIN_NUMEL", 13)
-    monkeypatch.setattr(tf, "FUSED_BATCH", 3)  # 4 fused tensors: one batch of 3, one single
     if not tf.fused_available():
         pytest.skip(f"no compiled kernels here: {tf._KERNELS.error}")
     g = torch.Generator().manual_seed(0)

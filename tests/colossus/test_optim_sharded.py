@@ -80,7 +80,6 @@ def chunk_case(case: str) -> dict:
     import offload.trust_fused as tf
 
     tf.FUSED_MIN_NUMEL = FUSED_MIN_SEG if kw.get("fused") else 1 << 16
-    tf.FUSED_BATCH = 2  # LAMB's pass 1 on two segments per compiled call (and single ones)
     kw = {"fused": False, **kw}
     mgr = ChunkManager(tiny_gpt2(0), ChunkConfig(chunk_size=CHUNK))
     opt = ccls(mgr, **kw)
