@@ -1207,9 +1207,13 @@ class ChunkManager:
         hand: list[int] = []
         if write_back and self.fetcher is not None:
             self.fetcher.release_buffers()  # no read may overlap an update; memory for the pass
+        kept: dict[tuple[int, str], torch.Tensor] = {}
         if update:
             chunks = self._pass_order(chunks)
             hand = self._hand_over(chunks)
+            # the last gradients backward wrote are still in their write-behind buffers: the
+            # pass takes them from there (once written) instead of reading them back
+            kept = {key: buf for key, (_, buf) in self.swapper.pending.items() if key[1] == "grad"}
         self.swapper.settle_all()
         yield from self.swapper.iter_resident(
             chunks,
@@ -1219,6 +1223,7 @@ class ChunkManager:
             keys=keys,
             hand_over=hand,
             defer_writes=update,
+            in_ram=kept,
         )
         if write_back:
             self.swapper.release_buffers()  # forward / backward need the memory until next pass
@@ -1342,10 +1347,13 @@ class ChunkManager:
         next forward; every re-read on top, e.g. in backward after a release, is the price of
         not keeping parameters in RAM), gradients written once; AdamW reads
         and writes m and v (and the fp32 master where it is not the working shard, or the NVMe
-        parameter shard it updates) and reads back the gradient of an NVMe parameter shard."""
+        parameter shard it updates) and reads back the gradient of an NVMe parameter shard
+        (except the last few backward wrote, still in RAM)."""
         io = 0
         # the update pass hands the next forward's first chunks over in RAM (no forward read)
+        # and takes the last gradients backward wrote from their write-behind buffers
         handed = set(self._hand_over([c for c in self.chunks if c.requires_grad]))
+        kept = self._grads_kept()
         for c in self.chunks:
             if not c.requires_grad:
                 continue
@@ -1354,9 +1362,21 @@ class ChunkManager:
                 io += (0 if c.index in handed else 1) * s + s
             if c.optim_tier == "nvme":
                 master = int(self._separate_master(c) or c.param_tier == "nvme")
-                io += (2 + master + int(c.param_tier == "nvme")) * s  # reads
+                grad = int(c.param_tier == "nvme" and c.index not in kept)
+                io += (2 + master + grad) * s  # reads
                 io += (2 + master) * s  # writes
         return io
+
+    def _grads_kept(self) -> set[int]:
+        """NVMe gradient shards the update pass finds still in RAM: the last ones backward
+        writes (its write-behind keeps ``nvme_prefetch + 2`` in flight), by last access in the
+        recorded step."""
+        if not self.order.frozen:
+            return set()
+        last = {i: pos for pos, i in enumerate(self.order.sequence)}
+        mine = [c for c in self.chunks if c.param_tier == "nvme" and c.index in last]
+        mine.sort(key=lambda c: last[c.index])
+        return {c.index for c in mine[-(self.config.nvme_prefetch + 2) :]}
 
     def movement(self) -> dict[str, float]:
         """Bytes moved and time spent since construction (diff two calls for one step):

@@ -239,6 +239,7 @@ class ShardSwapper:
         keys: Iterable[str] | None = None,
         hand_over: Iterable[int] = (),
         defer_writes: bool = False,
+        in_ram: dict[tuple[int, str], torch.Tensor] | None = None,
     ) -> Iterator[Any]:
         """Yield every chunk; those with NVMe state come with it in ``chunk.optim_state[key]``
         (views into pooled buffers), read ``depth`` chunks ahead and written back behind.
@@ -248,7 +249,10 @@ class ShardSwapper:
         filled. ``hand_over``: chunks whose updated ``master`` buffer is kept after its
         write-back is issued (in :attr:`handed`, for the next forward to use instead of reading
         it back). ``defer_writes``: the last write-backs are not waited for; they stay pending
-        like background writes (a read of the same key waits for them first)."""
+        like background writes (a read of the same key waits for them first). ``in_ram``:
+        buffers that already hold a key's current content (a gradient whose write-behind
+        just finished), used instead of reading it back."""
+        in_ram = dict(in_ram or {})
         chunks = list(chunks)
         want = None if keys is None else set(keys)
         sel = {
@@ -272,6 +276,10 @@ class ShardSwapper:
             futs = [f for f in done.values() if f is not None]
             for k in sel[c.index]:
                 if k in done:
+                    continue
+                kept = in_ram.pop((c.index, k), None)
+                if kept is not None and kept.numel() >= c.shard_size:
+                    bufs[k] = kept  # joins the set (it is an aligned store buffer)
                     continue
                 b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
                 if (c.index, k) in self.written:
