@@ -15,6 +15,8 @@ Example::
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -88,8 +90,24 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
             timeout=timedelta(seconds=timeout_s),
             **({"device_id": device} if use_cuda else {}),
         )
+        atexit.register(_shutdown)
     active = dist.get_backend() if dist.is_initialized() else None
     return DistContext(rank, world, local_rank, local_world, device, active)
+
+
+def _shutdown() -> None:
+    """At exit: meet the other ranks, then tear the process group down. A process that exits
+    with its group alive destroys gloo's threads during interpreter teardown, and one whose peer
+    is still finishing the last collective aborts there ("terminate called without an active
+    exception": exit code -6, which torchrun reports as a failed run). The meeting is bounded
+    (gloo's monitored barrier) so a rank that crashed cannot hang the others' exit."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
