@@ -107,6 +107,23 @@ def _lamb_pass1_into_grad(w, g, m, v, hp, c):
     return torch.stack([(w * w).sum(), (d * d).sum()])
 
 
+def _lamb_flat_pass1(w, g, m, v, rc):
+    # the flat-buffer pass 1 (Lamb(flat=True)): w, g, m, v are [rows, block] (one parameter per
+    # row), rc [rows, 8] the per-row coefficients b1, (1 - b1) / gs, b2, (1 - b2) / gs^2,
+    # 1 / (1 - b1^t), -1 / sqrt(1 - b2^t), -eps, wd: the formulas of _lamb_pass1_into_grad.
+    # Per-row scalars are also what keeps Inductor's loop two-dimensional: with per-group
+    # scalars it collapsed the elementwise part into one 1-D loop that could not fuse with the
+    # row sums, and emitted three loops (w read twice, d stored to a temporary and read back)
+    r = [rc[:, k : k + 1] for k in range(8)]
+    m_new = m * r[0] + g * r[1]
+    v_new = v * r[2] + g * g * r[3]
+    d = (m_new * r[4]) / (v_new.sqrt() * r[5] + r[6]) - r[7] * w
+    m.copy_(m_new)
+    v.copy_(v_new)
+    g.copy_(d)
+    return (w * w).sum(1), (d * d).sum(1)
+
+
 def _lamb_pass2(w, m, v, hp, c, scale):
     u = (m * c[0]) / (v.sqrt() * c[1] + hp[4]) + hp[5] * w
     w.sub_(scale * u)
@@ -130,6 +147,38 @@ class _Compiled:
         self.compile_s = 0.0
         self.fns: dict[str, Callable] = {}
         self._lock = threading.Lock()
+        self.flat_ok: bool | None = None
+        self.flat_compile_s = 0.0
+
+    def probe_flat(self) -> bool:
+        """The flat-buffer kernel (:func:`lamb_flat_pass1_`), compiled and checked on first use
+        only (only ``Lamb(flat=True)`` pays its compile time)."""
+        if not self.probe():
+            return False
+        with self._lock:
+            if self.flat_ok is None:
+                t = time.perf_counter()
+                try:
+                    fn = torch.compile(
+                        _lamb_flat_pass1, dynamic=True, fullgraph=True, options=_OPTIONS
+                    )
+                    gen = torch.Generator().manual_seed(0)
+                    # rows of at most 4096 (Inductor's reduction split), like the default
+                    # block and the tests' blocks: one graph for all of them
+                    ts = [torch.rand(3, 1000, generator=gen) for _ in range(4)]
+                    rc = torch.tensor([0.9, 0.1, 0.999, 0.001, 1.5, -1.2, -1e-6, 0.01]).repeat(3, 1)
+                    ref = [t.clone() for t in ts]
+                    got = fn(*ts, rc)
+                    want = _lamb_flat_pass1(*ref, rc)
+                    for a, b in [*zip(got, want), *zip(ts, ref)]:
+                        if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                            raise RuntimeError("compiled flat kernel disagrees with eager")
+                    self.fns["lamb1f"] = fn
+                    self.flat_ok = True
+                except Exception as e:  # the caller falls back to the per-tensor path
+                    self.flat_ok, self.error = False, f"{type(e).__name__}: {e}"
+                self.flat_compile_s = time.perf_counter() - t
+            return self.flat_ok
 
     def probe(self) -> bool:
         with self._lock:
@@ -200,8 +249,15 @@ def fused_available(required: bool = False) -> bool:
 
 
 def compile_seconds() -> float:
-    """Wall time the first :func:`fused_available` spent compiling and checking the kernels."""
-    return _KERNELS.compile_s
+    """Wall time the first :func:`fused_available` (and :func:`flat_available`) spent
+    compiling and checking the kernels."""
+    return _KERNELS.compile_s + _KERNELS.flat_compile_s
+
+
+def flat_available() -> bool:
+    """Whether the flat-buffer LAMB kernel works here (compiles it on the first call; False,
+    with the reason in the fused path's warning, when it does not)."""
+    return _KERNELS.probe_flat()
 
 
 def want_fused(fused: bool | None, device: torch.device) -> bool:
@@ -275,6 +331,16 @@ def lamb_pass1_into_grad_(w, g, m, v, hp, c) -> torch.Tensor:
     moments updated in place; returns ``[||w||^2, ||u||^2]``. Pass 2 is then the native
     ``w += lr * ratio * d`` (``torch._foreach_addcmul_``), 3 element accesses."""
     return _KERNELS.fns["lamb1g"](w.view(-1), g.view(-1), m.view(-1), v.view(-1), hp, c)
+
+
+def lamb_flat_pass1_(
+    w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, rc: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 over flat ``[rows, block]`` buffers (each row belongs to one parameter; ``rc``
+    ``[rows, 8]``: the per-row coefficients, see ``colossus.optim.flat``): moments updated in
+    place, ``d = -u`` stored into ``g``; returns the per-row sums ``||w||^2`` and ``||u||^2``.
+    One loop over the rows (the row sums taken while storing; generated code checked)."""
+    return _KERNELS.fns["lamb1f"](w, g, m, v, rc)
 
 
 def lamb_pass2_(w, m, v, hp, c, scale: torch.Tensor) -> None:

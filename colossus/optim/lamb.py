@@ -59,6 +59,7 @@ from typing import Any
 
 import torch
 
+from colossus.optim.flat import FlatGroup, flat_eligible
 from offload import trust_fused
 from offload.trust import NormReducer, column_sq_norms, lamb_direction_, lamb_trust_ratio
 
@@ -98,6 +99,8 @@ class Lamb(torch.optim.Optimizer):
         norm_reducer: NormReducer | None = None,
         fused: bool | None = None,
         grad_as_workspace: bool = True,
+        flat: bool = False,
+        flat_block: int = 4096,
     ) -> None:
         if lr <= 0 or eps < 0 or weight_decay < 0:
             raise ValueError(
@@ -107,6 +110,13 @@ class Lamb(torch.optim.Optimizer):
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm}")
+        if flat and not grad_as_workspace:
+            raise ValueError(
+                "flat=True stores the update into the gradient buffer: it needs "
+                "grad_as_workspace=True"
+            )
+        if flat_block < 1:
+            raise ValueError(f"flat_block must be positive, got {flat_block}")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -123,13 +133,77 @@ class Lamb(torch.optim.Optimizer):
         self.norm_reducer = norm_reducer
         self.fused = fused
         self.grad_as_workspace = grad_as_workspace
+        self.flat = flat
+        self.flat_block = flat_block
         self._work: dict[torch.Tensor, torch.Tensor] = {}
+        self._flat: dict[int, FlatGroup] = {}  # param group index -> its flat buffers
 
     def _workspace(self, p: torch.Tensor) -> torch.Tensor:
         w = self._work.get(p)
         if w is None or w.shape != p.shape:
             w = self._work[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return w
+
+    def _flat_group(self, gi: int, group: dict[str, Any], fused: bool) -> FlatGroup | None:
+        """The flat buffers of group ``gi``, built (or rebuilt, when the parameters left their
+        slots or the group changed) on demand; None = this group takes the per-tensor path."""
+        ps = group["params"]
+        fg = self._flat.get(gi)
+        if fg is not None and fg.same_params(ps) and fg.current():
+            return fg
+        self._flat.pop(gi, None)  # stale: the state keeps its views (copied on a rebuild)
+        # eps > 0: the zero padding's update is 0 / -eps (0 / 0 without it)
+        if not (fused and group["eps"] > 0 and flat_eligible(ps)):
+            return None
+        if not trust_fused.flat_available():
+            return None
+        fg = self._flat[gi] = FlatGroup(ps, self.flat_block, self.state)
+        return fg
+
+    def _live_flat(self) -> list[FlatGroup]:
+        return [
+            fg
+            for gi, fg in self._flat.items()
+            if gi < len(self.param_groups)
+            and fg.same_params(self.param_groups[gi]["params"])
+            and fg.current()
+        ]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, except for the groups in flat buffers
+        (``flat=True``, after the first step): their gradient buffer is zeroed in place (one
+        memset) and every ``p.grad`` stays its view, whatever ``set_to_none`` says, so that
+        backward accumulates into the buffer (as DDP's ``gradient_as_bucket_view``); with
+        ``None`` gradients the next backward would allocate new ones, which the step then
+        copies into the buffer (correct, one copy slower). A parameter that backward does not
+        reach then has a zero gradient rather than None, so it is updated (moments decay,
+        weight decay), as with ``set_to_none=False`` in torch's optimizers."""
+        live = self._live_flat()
+        if not live:
+            return super().zero_grad(set_to_none)
+        done = set()
+        for fg in live:
+            fg.zero_grad()
+            done.update(id(p) for p in fg.params)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in done or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``; in flat mode the loaded moments are
+        then copied into the flat buffers and the state points at their views again."""
+        super().load_state_dict(state_dict)
+        for fg in self._live_flat():
+            fg.bind_state(self.state)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -138,7 +212,20 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         todo = []
-        for group in self.param_groups:
+        fused: bool | None = None
+        for gi, group in enumerate(self.param_groups):
+            fg, idx = None, []
+            if self.flat and group["params"]:
+                if fused is None:
+                    fused = trust_fused.want_fused(self.fused, group["params"][0].device)
+                fg = self._flat_group(gi, group, fused)
+            if fg is not None:
+                idx = fg.adopt_grads()  # foreign gradients copied into the buffer
+                fg.bind_state(self.state, only=idx)
+                ps = [fg.params[j] for j in idx]
+                if ps:
+                    todo.append((group, ps, fg, idx))
+                continue
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
@@ -150,27 +237,45 @@ class Lamb(torch.optim.Optimizer):
                     st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            todo.append((group, ps))
+            todo.append((group, ps, None, idx))
         if not todo:
             return loss
-        params = [p for _, ps in todo for p in ps]
+        params = [p for _, ps, _, _ in todo for p in ps]
         grad_scale = None
         if self.max_grad_norm is not None:  # NVIDIA's pre-normalisation: g / max(1, |g| / max)
             gsq = column_sq_norms([[p.grad for p in params]])
             if self.norm_reducer is not None:
                 self.norm_reducer(gsq, params)
             grad_scale = (gsq.sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
-        fused = trust_fused.want_fused(self.fused, params[0].device)
+        if fused is None:
+            fused = trust_fused.want_fused(self.fused, params[0].device)
         scratch = self.grad_as_workspace
         pass1 = trust_fused.lamb_pass1_into_grad_ if scratch else trust_fused.lamb_pass1_
         n_all = len(params)
-        plan = []  # per group: (group, ps, foreach positions, fused positions, hp, coefs)
+        dev = params[0].device
+        plan = []  # per group: (group, ps, foreach positions, fused positions, hp, coefs, flat)
         works, small_pos, parts, big_pos = [], [], [], []
+        flat_sq = []  # (positions, [2, k] squares) of the flat groups
         i = 0
-        for group, ps in todo:
+        for group, ps, fg, idx in todo:
             steps = [self.state[p]["step"] for p in ps]
             torch._foreach_add_(steps, 1.0)
             b1, b2 = group["betas"]
+            if fg is not None:  # pass 1: ONE compiled call over the group's rows
+                hp = trust_fused.lamb_hparams(
+                    b1, b2, group["eps"], group["weight_decay"], grad_scale, dev
+                )
+                coefs = trust_fused.lamb_bias_coefs(
+                    torch.stack(steps), b1, b2, group["bias_correction"]
+                )
+                rc = _flat_row_coefs(fg, idx, hp, coefs)
+                wsq, dsq = trust_fused.lamb_flat_pass1_(fg.w, fg.g, fg.m, fg.v, rc)
+                sq_p = torch.zeros(2, len(fg.params), device=dev)
+                sq_p.index_add_(1, fg.owner, torch.stack([wsq, dsq]))  # rows -> parameters
+                flat_sq.append((list(range(i, i + len(ps))), sq_p[:, idx]))
+                plan.append((group, ps, [], [], None, None, fg, idx))
+                i += len(ps)
+                continue
             big = [
                 j
                 for j, p in enumerate(ps)
@@ -216,21 +321,25 @@ class Lamb(torch.optim.Optimizer):
                 )
                 works += work
                 small_pos += [i + j for j in small]
-            plan.append((group, ps, small, big, hp, coefs))
+            plan.append((group, ps, small, big, hp, coefs, None, idx))
             i += len(ps)
         # [2, n]: ||w||^2, ||u||^2 per parameter (partial if split), in parameter order
-        if not big_pos:
+        if not big_pos and not flat_sq:
             sq = column_sq_norms([params, works])
         else:
-            sq = torch.zeros(2, n_all, device=params[0].device)
-            sq[:, big_pos] = torch.stack(parts, 1)
+            sq = torch.zeros(2, n_all, device=dev)
+            if big_pos:
+                sq[:, big_pos] = torch.stack(parts, 1)
+            for pos, part in flat_sq:
+                sq[:, pos] = part
             if small_pos:
                 sq[:, small_pos] = column_sq_norms([[params[k] for k in small_pos], works])
         if self.norm_reducer is not None:
             self.norm_reducer(sq, params)  # the one collective of the step
         i, k = 0, 0
         scales: list[torch.Tensor] = []
-        for group, ps, small, big, hp, coefs in plan:
+        rest: list[torch.Tensor] = []  # the parameters of the final multi-tensor axpy
+        for group, ps, small, big, hp, coefs, fg, idx in plan:
             n = len(ps)
             if group["exclude_from_adaptation"]:
                 ratio = torch.ones(n, device=sq.device)
@@ -242,10 +351,17 @@ class Lamb(torch.optim.Optimizer):
                     group["phi_max"],
                     group["trust_clip"],
                 )
-            scale = (ratio * group["lr"]).to(ps[0].dtype).unbind()
+            scale = (ratio * group["lr"]).to(ps[0].dtype)
             i += n
+            if fg is not None:  # pass 2: w += lr * ratio[owner] * d over the group's rows
+                per_param = torch.zeros(len(fg.params), device=dev)
+                per_param[idx] = scale  # skipped parameters: 0 (their d is 0 too)
+                fg.w.addcmul_(fg.g, per_param.index_select(0, fg.owner).unsqueeze(1))
+                continue
+            scale = scale.unbind()
             if scratch:  # every gradient holds d = -u now: one axpy over all, below
                 scales += scale
+                rest += ps
                 continue
             for j, c in zip(big, coefs or ()):  # pass 2: w -= lr * ratio * u, u recomputed
                 st = self.state[ps[j]]
@@ -256,6 +372,34 @@ class Lamb(torch.optim.Optimizer):
                     [ps[j] for j in small], works[k : k + len(small)], [scale[j] for j in small]
                 )
                 k += len(small)
-        if scratch:  # pass 2: w += lr * ratio * d, 3 element accesses, one native call
-            torch._foreach_addcmul_(params, [p.grad for p in params], scales)
+        if rest:  # pass 2: w += lr * ratio * d, 3 element accesses, one native call
+            torch._foreach_addcmul_(rest, [p.grad for p in rest], scales)
         return loss
+
+
+def _flat_row_coefs(
+    fg: FlatGroup, idx: list[int], hp: torch.Tensor, coefs: torch.Tensor
+) -> torch.Tensor:
+    """``[rows, 8]`` coefficients of :func:`offload.trust_fused.lamb_flat_pass1_`: the same
+    values as the per-tensor kernel's (``hp`` from ``lamb_hparams``, ``coefs`` the bias
+    corrections of the parameters ``idx`` that have a gradient). A parameter without one gets
+    1, 0, 1, 0 (moments kept exactly: ``m * 1 + 0 * 0``), 0 and -1 (``d = 0 / -1 = 0``)."""
+    k = len(idx)
+    act = torch.cat(
+        [
+            hp[[0, 7, 2, 8]].expand(k, 4),
+            coefs[:, :1],
+            -coefs[:, 1:],
+            (-hp[4]).expand(k, 1),
+            hp[5].expand(k, 1),
+        ],
+        1,
+    )
+    if k == len(fg.params):
+        per_param = act
+    else:
+        per_param = torch.tensor(
+            [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0], device=hp.device
+        ).repeat(len(fg.params), 1)
+        per_param[idx] = act
+    return per_param.index_select(0, fg.owner)

@@ -122,7 +122,15 @@ def fused(request, monkeypatch):
     return True
 
 
-def _run_lamb(opts: dict, fused: bool | None = False, grad_as_workspace: bool = True):
+def _run_lamb(
+    opts: dict,
+    fused: bool | None = False,
+    grad_as_workspace: bool = True,
+    bucket: bool = False,
+    out: list | None = None,
+):
+    """``bucket``: gradients are accumulated into the existing ``p.grad`` after
+    ``opt.zero_grad()`` (as backward does) instead of assigned; ``out`` receives the optimizer."""
     o = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.05, "fused": fused}
     o["grad_as_workspace"] = grad_as_workspace
     o.update(opts)
@@ -136,9 +144,16 @@ def _run_lamb(opts: dict, fused: bool | None = False, grad_as_workspace: bool = 
         g = _grads(params, targets, noise, t)
         grads.append(g)
         for n, p in params.items():
-            p.grad = g[n].clone()
+            if bucket and p.grad is not None:
+                p.grad.add_(g[n])
+            else:
+                p.grad = g[n].clone()
         opt.step()
-    if not grad_as_workspace:  # the gradients are left as they were
+        if bucket:
+            opt.zero_grad(set_to_none=True)
+    if out is not None:
+        out.append(opt)
+    if not grad_as_workspace and not bucket:  # the gradients are left as they were
         assert all(torch.equal(p.grad, grads[-1][n]) for n, p in params.items())
     if grad_as_workspace:  # the gradients were the workspace: no buffers of the optimizer's
         assert not opt._work
@@ -224,6 +239,193 @@ def test_lamb_matches_torch_optimizer():
     for n in SHAPES:
         err = _err(params[n], p2[n].detach().double())
         assert err <= TOL, f"{n}: {err:.3g} from torch-optimizer"
+
+
+# ------------------------------------------------------------------------------ LAMB, flat buffers
+FLAT = {"fused": True, "flat": True, "flat_block": 4}  # 4: parameters straddle and pad blocks
+
+
+@pytest.fixture
+def flat_kernel():
+    import offload.trust_fused as tf
+
+    if not tf.flat_available():
+        pytest.skip(f"no compiled kernels here: {tf._KERNELS.error}")
+
+
+def _in_flat(fg, t: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether ``t``'s memory lies in the flat buffer ``buf`` of ``fg``."""
+    lo = buf.data_ptr()
+    return lo <= t.data_ptr() < lo + buf.numel() * buf.element_size()
+
+
+@pytest.mark.parametrize(
+    "case,bucket",
+    [(c, True) for c in LAMB_CASES] + [("default", False), ("max-grad-norm", False)],
+    ids=[*LAMB_CASES, "default-foreign-grads", "max-grad-norm-foreign-grads"],
+)
+def test_lamb_flat_matches_float64_paper(case, bucket, flat_kernel):
+    """Every option on the flat-buffer path (one compiled pass 1 per group over [rows, 4]
+    blocks), within the tolerance of the per-tensor paths; gradients accumulated into the
+    zeroed buffer (bucket) or assigned as new tensors (copied into the buffer at the step)."""
+    out: list = []
+    params, ref = _run_lamb({**LAMB_CASES[case], **FLAT}, True, True, bucket=bucket, out=out)
+    opt = out[0]
+    assert len(opt._flat) == 2, "both groups should be in flat buffers"
+    for fg in opt._flat.values():
+        assert fg.current()
+        for p in fg.params:
+            assert _in_flat(fg, p, fg.w) and _in_flat(fg, opt.state[p]["exp_avg"], fg.m)
+            assert p.grad is not None and _in_flat(fg, p.grad, fg.g)
+        # the padding stays zero in every buffer
+        mask = torch.ones(fg.w.numel(), dtype=torch.bool)
+        for p, s in zip(fg.params, fg.starts):
+            mask[s : s + p.numel()] = False
+        for buf in (fg.w, fg.m, fg.v):
+            assert mask.any() and not buf.view(-1)[mask].any()
+    for n, p in params.items():
+        err = _err(p, ref[n])
+        assert err <= TOL, f"{case}: {n} differs by {err:.3g}"
+
+
+def _flat_vs_per_tensor(mutate, steps: int = 6):
+    """Run flat and per-tensor LAMB side by side on the test problem, calling
+    ``mutate(t, params, opt)`` before each step; returns both parameter dicts and optimizers."""
+    runs = []
+    for opts in (FLAT, {"fused": False}):
+        params, targets, noise = _problem()
+        opt = Lamb(_groups(params, 0.05, False), lr=0.02, weight_decay=0.05, **opts)
+        for t in range(steps):
+            g = _grads(params, targets, noise, t)
+            for n, p in params.items():
+                p.grad = g[n].clone()
+            mutate(t, params, opt)
+            opt.step()
+        runs.append((params, opt))
+    return runs
+
+
+def test_lamb_flat_skips_params_without_grad(flat_kernel):
+    """A parameter whose gradient is None at a step is skipped as on the per-tensor path: its
+    moments and weight are untouched (exactly), its step count does not advance."""
+    seen = {}
+
+    def drop(t, params, opt):
+        if t in (2, 3):
+            params["w3"].grad = None
+            params["bias"].grad = None
+            if opt.flat:
+                st = opt.state[params["w3"]]
+                seen[t] = (params["w3"].detach().clone(), st["exp_avg"].clone())
+        elif t == 4 and opt.flat:
+            st = opt.state[params["w3"]]
+            assert torch.equal(params["w3"], seen[2][0])
+            assert torch.equal(st["exp_avg"], seen[2][1])
+
+    (flat, fopt), (ref, ropt) = _flat_vs_per_tensor(drop)
+    assert fopt._flat and fopt.state[flat["w3"]]["step"].item() == 4
+    for n in SHAPES:
+        assert _err(flat[n], ref[n].detach().double()) <= TOL, n
+        for key in ("exp_avg", "exp_avg_sq"):
+            a, b = fopt.state[flat[n]][key], ropt.state[ref[n]][key]
+            assert _err(a, b.double()) <= TOL, (n, key)
+
+
+def test_lamb_flat_rebuilds_when_storage_changes(flat_kernel):
+    """``p.data`` replaced (a parameter moved out of its slot): the step sees it and builds new
+    buffers from the current values and moments instead of stepping on stale storage."""
+
+    def move(t, params, opt):
+        if t == 3:
+            with torch.no_grad():
+                params["w1"].data = params["w1"].data.clone()  # new storage, same values
+                params["w1"].data.add_(0.01)  # and changed: the step must use this
+        if t == 3 and opt.flat:
+            assert not all(fg.current() for fg in opt._flat.values())
+
+    (flat, fopt), (ref, _) = _flat_vs_per_tensor(move)
+    assert all(fg.current() for fg in fopt._flat.values())
+    for n in SHAPES:
+        assert _err(flat[n], ref[n].detach().double()) <= TOL, n
+
+
+def test_lamb_flat_state_dict(flat_kernel):
+    """``state_dict`` is per parameter (exp_avg / exp_avg_sq views of the flat buffers), loads
+    into a per-tensor LAMB and back; ``load_state_dict`` copies into the flat views (before the
+    first step or after) instead of rebinding, and the runs continue identically."""
+    import copy
+
+    params, targets, noise = _problem()
+    opt = Lamb(_groups(params, 0.05, False), lr=0.02, **FLAT)
+
+    def step(ps, o, t):
+        g = _grads(ps, targets, noise, t)
+        for n, p in ps.items():
+            p.grad = g[n].clone()
+        o.step()
+
+    for t in range(3):
+        step(params, opt, t)
+    sd = copy.deepcopy(opt.state_dict())
+    assert sorted(sd["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+    assert sd["state"][0]["exp_avg"].shape == SHAPES["w1"]
+    others = []
+    for opts, before in ((FLAT, True), (FLAT, False), ({"fused": False}, True)):
+        ps = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
+        o = Lamb(_groups(ps, 0.05, False), lr=0.02, **opts)
+        if not before:  # a first step builds the buffers, then the state is loaded over it
+            for p in ps.values():
+                p.grad = torch.zeros_like(p)
+            o.step()
+            with torch.no_grad():
+                for n, p in ps.items():
+                    p.copy_(params[n])
+            fg_m = [fg.m for fg in o._flat.values()]
+        o.load_state_dict(copy.deepcopy(sd))
+        if not before:
+            for fg in o._flat.values():
+                assert any(fg.m is m for m in fg_m)
+                for p in fg.params:
+                    assert _in_flat(fg, o.state[p]["exp_avg_sq"], fg.v)
+        others.append((ps, o))
+    for t in range(3, 6):
+        step(params, opt, t)
+        for ps, o in others:
+            step(ps, o, t)
+    for ps, o in others:
+        for n in SHAPES:
+            assert _err(ps[n], params[n].detach().double()) <= TOL, n
+            assert o.state[ps[n]]["step"].item() == 6
+
+
+def test_lamb_flat_zero_grad_keeps_backward_in_the_bucket(flat_kernel):
+    """After ``zero_grad(set_to_none=True)`` the gradients are zeroed views of the buffer and a
+    real backward accumulates into them (no new gradient tensors); the same run without flat
+    buffers gives the same weights."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    runs = []
+    for opts in (FLAT, {"fused": False}):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+        opt = Lamb(param_groups(model, 0.01), lr=1e-2, **opts)
+        for t in range(4):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if opts is FLAT and t > 0:
+                for fg in opt._flat.values():
+                    assert all(_in_flat(fg, p.grad, fg.g) for p in fg.params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if opts is FLAT:
+                assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+        assert _err(a, b.detach().double()) <= TOL
+
+
+def test_lamb_flat_needs_grad_workspace():
+    with pytest.raises(ValueError, match="grad_as_workspace"):
+        Lamb([torch.nn.Parameter(torch.ones(2))], flat=True, grad_as_workspace=False)
 
 
 # ------------------------------------------------------------------------------ LARS
@@ -336,16 +538,21 @@ def test_lars_options_change_the_numbers():
 
 # ------------------------------------------------------------------------------ plumbing
 def test_norm_reducer_called_once_per_step_with_all_columns():
+    import offload.trust_fused as tf
+
     params, targets, noise = _problem()
     calls = []
 
     def reducer(sq, columns):
         calls.append((tuple(sq.shape), len(columns)))
 
-    for opt in (
+    opts = [
         Lamb(_groups(params, 0.01, True), lr=1e-3, norm_reducer=reducer),
         Lars(_groups(params, 0.01, True), lr=1e-3, norm_reducer=reducer),
-    ):
+    ]
+    if tf.flat_available():
+        opts.append(Lamb(_groups(params, 0.01, True), lr=1e-3, norm_reducer=reducer, **FLAT))
+    for opt in opts:
         calls.clear()
         for t in range(3):
             g = _grads(params, targets, noise, t)
@@ -369,7 +576,8 @@ def test_fused_kernels_do_not_recompile(monkeypatch):
     g = torch.Generator().manual_seed(0)
     shapes = [(6, 5), (2, 3, 4), (50, 100), (300, 250), (7,)]
     runs = []
-    for cls, kw in ((Lamb, {"max_grad_norm": 1.0}), (Lars, {"momentum": 0.9})):
+    flat = {"max_grad_norm": 1.0, "flat": True, "flat_block": 64}
+    for cls, kw in ((Lamb, {"max_grad_norm": 1.0}), (Lars, {"momentum": 0.9}), (Lamb, flat)):
         ps = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
         runs.append((cls(ps, lr=1e-2, fused=True, **kw), ps))
     seen = []
