@@ -17,7 +17,12 @@ Bytes per parameter, at least (reads + writes of 4-byte elements):
   w, g, m, v and writes m, v and the update into g (norms of w and of the update on the fly),
   then reads w and the update and writes w; ``lamb-fused-keep-grad`` (``grad_as_workspace=False``)
   writes only m, v in pass 1 and recomputes the update from w, m, v in pass 2. Both touch 40; the
-  multi-tensor path (``lamb-foreach``) 56-60.
+  multi-tensor path (``lamb-foreach``) 56-60. ``lamb-flat`` (``Lamb(flat=True)``, blocks of
+  4096; ``lamb-flat-16k``: 16384) holds each group in flat buffers: the same 40 bytes (plus the
+  padding of each parameter to whole blocks), in one compiled call and one native axpy per
+  group instead of one compiled call per tensor. Its ``zero_grad`` is one memset of the
+  gradient buffer (4 bytes per parameter written; AdamW's ``set_to_none`` frees instead, and
+  the next backward then writes fresh gradients): the ``zero_grad`` column, not in the step.
 * LARS (momentum): read w, g (norms), then read w, g, buf; write buf, w: 28 (the fused path;
   ``lars-foreach`` touches 52).
 
@@ -99,11 +104,12 @@ def _adamw(fused: bool) -> Callable:
     return lambda ps: torch.optim.AdamW(_groups(ps), lr=1e-3, fused=fused, foreach=not fused)
 
 
-def _lamb(fused: bool, grad_as_workspace: bool = True) -> Callable:
+def _lamb(fused: bool, grad_as_workspace: bool = True, flat_block: int | None = None) -> Callable:
     def make(ps):
         from colossus.optim import Lamb
 
-        return Lamb(_groups(ps), lr=1e-3, fused=fused, grad_as_workspace=grad_as_workspace)
+        flat = {} if flat_block is None else {"flat": True, "flat_block": flat_block}
+        return Lamb(_groups(ps), lr=1e-3, fused=fused, grad_as_workspace=grad_as_workspace, **flat)
 
     return make
 
@@ -129,6 +135,8 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "lamb-fused": ("lamb", _lamb(True)),
     "lamb-foreach": ("lamb", _lamb(False)),
     "lamb-fused-keep-grad": ("lamb", _lamb(True, grad_as_workspace=False)),
+    "lamb-flat": ("lamb", _lamb(True, flat_block=4096)),
+    "lamb-flat-16k": ("lamb", _lamb(True, flat_block=16384)),
     "lars-fused": ("lars", _lars(True)),
     "lars-foreach": ("lars", _lars(False)),
     "lamb-torch-optimizer": ("lamb", _torch_optimizer_lamb),
@@ -137,7 +145,11 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
 
 # variants whose step overwrites the gradients (LAMB's default grad_as_workspace): they get their
 # own copy, refreshed before every timed step as a backward pass would (not timed)
-CONSUMES_GRADS = {"lamb-fused", "lamb-foreach"}
+CONSUMES_GRADS = {"lamb-fused", "lamb-foreach", "lamb-flat", "lamb-flat-16k"}
+# flat LAMB keeps its gradients in one buffer (p.grad are views of it after the first step; the
+# refresh copies into those views, as backward accumulates into them): its zero_grad is one
+# memset of that buffer instead of AdamW's set_to_none, timed separately (zero_grad column)
+FLAT = {"lamb-flat", "lamb-flat-16k"}
 
 
 def _build(name: str, shapes, grads: list[torch.Tensor]):
@@ -190,11 +202,21 @@ def run(args: argparse.Namespace) -> int:
             opt.step()
             times[name].append(time.perf_counter() - t)
     del src, dst
+    zero_grad: dict[str, float] = {}
+    for name in (FLAT | {"adamw-fused"}) & set(built):
+        opt, ts = built[name][1], []
+        for _ in range(3):
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)  # flat: a memset, the gradients stay views
+            ts.append(time.perf_counter() - t)
+        zero_grad[name] = median(ts)
     bw = median(bws)
     for name, (kind, _, n, first, _) in built.items():
         r = {"name": name, "kind": kind, "params": n, "step_time_s": median(times[name])}
         r["step_time_min_s"] = min(times[name])
         r["first_step_s"] = first
+        if name in zero_grad:
+            r["zero_grad_s"] = zero_grad[name]
         r["bytes_per_param"] = BYTES_PER_PARAM[kind]
         r["bound_s"] = BYTES_PER_PARAM[kind] * n / bw
         r["x_bound"] = r["step_time_s"] / r["bound_s"]

@@ -39,6 +39,18 @@ between steps, not part of the state dict, starting as a copy of w with weight d
 and weight decay: the decay is a separate pass there). No per-parameter ``.item()`` on
 either path.
 
+Flat path (``flat=True``, opt-in; CPU, with the fused kernels): each param group's parameters,
+gradients and moments live in flat buffers of ``[rows, flat_block]`` (:mod:`colossus.optim.flat`:
+``p.data``, ``p.grad`` and the state's moments are views), so a step is ONE compiled pass 1 per
+group (per-row sums of ``w^2`` and ``u^2`` in the same loop), a segment sum of the row sums into
+per-parameter norms, the same single reducer call, and ONE native ``addcmul_`` per group: the
+same 10 element accesses without the per-tensor compiled calls' fixed costs (``docs/benchmarks.md``,
+``colossus bench optim``, variant ``lamb-flat``). It is not the default because the parameters
+then share one storage: ``safetensors``' ``save_model`` (and ``save_pretrained``) refuse tensors
+that share memory without covering it, so save a flat model's ``state_dict()`` with clones
+(``{k: v.clone() ...}``) or ``torch.save``. ``zero_grad`` keeps the gradients as zeroed views
+(see :meth:`Lamb.zero_grad`).
+
 Example::
 
     >>> import torch
