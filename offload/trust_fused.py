@@ -124,6 +124,18 @@ def _lamb_flat_pass1(w, g, m, v, rc):
     return (w * w).sum(1), (d * d).sum(1)
 
 
+def _lars_flat_apply(w, g, buf, rc):
+    # the flat-buffer LARS apply (Lars(flat=True)): w, g, buf are [rows, block], rc [rows, 6]
+    # the per-row scale (lr * ratio or ratio), weight decay, momentum, lr outside the buffer,
+    # nesterov (0 / 1), gradient divisor (global-norm clipping; 1 without): _lars_apply's
+    # formulas with the per-row scalars (the per-row loads keep Inductor's loop 2-D, as above)
+    r = [rc[:, k : k + 1] for k in range(6)]
+    d = r[0] * (g / r[5] + r[1] * w)
+    b = buf * r[2] + d
+    buf.copy_(b)
+    w.sub_(r[3] * (b + r[4] * (d + r[2] * b - b)))
+
+
 def _lamb_pass2(w, m, v, hp, c, scale):
     u = (m * c[0]) / (v.sqrt() * c[1] + hp[4]) + hp[5] * w
     w.sub_(scale * u)
@@ -147,38 +159,43 @@ class _Compiled:
         self.compile_s = 0.0
         self.fns: dict[str, Callable] = {}
         self._lock = threading.Lock()
-        self.flat_ok: bool | None = None
+        self.flat: dict[str, bool] = {}  # flat kernel name -> compiled and checked
         self.flat_compile_s = 0.0
 
-    def probe_flat(self) -> bool:
-        """The flat-buffer kernel (:func:`lamb_flat_pass1_`), compiled and checked on first use
-        only (only ``Lamb(flat=True)`` pays its compile time)."""
+    def probe_flat(self, name: str) -> bool:
+        """A flat-buffer kernel (``lamb1f``: :func:`lamb_flat_pass1_`, ``larsf``:
+        :func:`lars_flat_apply_`), compiled and checked on first use only (only
+        ``flat=True`` optimizers pay its compile time)."""
         if not self.probe():
             return False
         with self._lock:
-            if self.flat_ok is None:
+            if name not in self.flat:
                 t = time.perf_counter()
+                fn = _lamb_flat_pass1 if name == "lamb1f" else _lars_flat_apply
                 try:
-                    fn = torch.compile(
-                        _lamb_flat_pass1, dynamic=True, fullgraph=True, options=_OPTIONS
-                    )
+                    compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
                     gen = torch.Generator().manual_seed(0)
                     # rows of at most 4096 (Inductor's reduction split), like the default
                     # block and the tests' blocks: one graph for all of them
-                    ts = [torch.rand(3, 1000, generator=gen) for _ in range(4)]
-                    rc = torch.tensor([0.9, 0.1, 0.999, 0.001, 1.5, -1.2, -1e-6, 0.01]).repeat(3, 1)
+                    k = 3 if name == "lamb1f" else 2
+                    ts = [torch.rand(3, 1000, generator=gen) for _ in range(k + 1)]
+                    if name == "lamb1f":
+                        rc = [0.9, 0.1, 0.999, 0.001, 1.5, -1.2, -1e-6, 0.01]
+                    else:
+                        rc = [0.01, 1e-4, 0.9, 1.0, 1.0, 1.5]
+                    rc = torch.tensor(rc).repeat(3, 1)
                     ref = [t.clone() for t in ts]
-                    got = fn(*ts, rc)
-                    want = _lamb_flat_pass1(*ref, rc)
-                    for a, b in [*zip(got, want), *zip(ts, ref)]:
+                    got, want = compiled(*ts, rc), fn(*ref, rc)
+                    pairs = list(zip(ts, ref)) + (list(zip(got, want)) if got else [])
+                    for a, b in pairs:
                         if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
                             raise RuntimeError("compiled flat kernel disagrees with eager")
-                    self.fns["lamb1f"] = fn
-                    self.flat_ok = True
+                    self.fns[name] = compiled
+                    self.flat[name] = True
                 except Exception as e:  # the caller falls back to the per-tensor path
-                    self.flat_ok, self.error = False, f"{type(e).__name__}: {e}"
-                self.flat_compile_s = time.perf_counter() - t
-            return self.flat_ok
+                    self.flat[name], self.error = False, f"{type(e).__name__}: {e}"
+                self.flat_compile_s += time.perf_counter() - t
+            return self.flat[name]
 
     def probe(self) -> bool:
         with self._lock:
@@ -254,10 +271,11 @@ def compile_seconds() -> float:
     return _KERNELS.compile_s + _KERNELS.flat_compile_s
 
 
-def flat_available() -> bool:
-    """Whether the flat-buffer LAMB kernel works here (compiles it on the first call; False,
-    with the reason in the fused path's warning, when it does not)."""
-    return _KERNELS.probe_flat()
+def flat_available(name: str = "lamb1f") -> bool:
+    """Whether the flat-buffer kernel ``name`` works here (``lamb1f``: LAMB's pass 1,
+    ``larsf``: LARS's apply; compiled and checked on the first call; False, with the reason in
+    ``_KERNELS.error``, when not: the optimizers then take the per-tensor path)."""
+    return _KERNELS.probe_flat(name)
 
 
 def want_fused(fused: bool | None, device: torch.device) -> bool:
@@ -355,6 +373,13 @@ def lars_hparams(
     return torch.tensor(
         [momentum, weight_decay, lr_outside, float(nesterov)], device=device, dtype=torch.float32
     )
+
+
+def lars_flat_apply_(w: torch.Tensor, g: torch.Tensor, buf: torch.Tensor, rc: torch.Tensor) -> None:
+    """:func:`lars_apply_fused_` over flat ``[rows, block]`` buffers in one call, ``rc``
+    ``[rows, 6]`` the per-row scale, weight decay, momentum, lr outside the buffer, nesterov and
+    gradient divisor (``colossus.optim.lars``)."""
+    _KERNELS.fns["larsf"](w, g, buf, rc)
 
 
 def lars_apply_fused_(w, g, buf, hp, scale: torch.Tensor) -> None:

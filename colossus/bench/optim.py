@@ -24,7 +24,8 @@ Bytes per parameter, at least (reads + writes of 4-byte elements):
   gradient buffer (4 bytes per parameter written; AdamW's ``set_to_none`` frees instead, and
   the next backward then writes fresh gradients): the ``zero_grad`` column, not in the step.
 * LARS (momentum): read w, g (norms), then read w, g, buf; write buf, w: 28 (the fused path;
-  ``lars-foreach`` touches 52).
+  ``lars-foreach`` touches 52; ``lars-flat``, ``Lars(flat=True)``: the same 28 in one compiled
+  apply per group).
 
 The ``first step`` column is the warm-up step: for the fused variants it includes compiling the
 kernels with ``torch.compile`` (``compile`` column; Inductor caches them on disk, so a second
@@ -114,11 +115,11 @@ def _lamb(fused: bool, grad_as_workspace: bool = True, flat_block: int | None = 
     return make
 
 
-def _lars(fused: bool) -> Callable:
+def _lars(fused: bool, flat: bool = False) -> Callable:
     def make(ps):
         from colossus.optim import Lars
 
-        return Lars(_groups(ps), lr=1.0, momentum=0.9, fused=fused)
+        return Lars(_groups(ps), lr=1.0, momentum=0.9, fused=fused, flat=flat)
 
     return make
 
@@ -138,6 +139,7 @@ VARIANTS: dict[str, tuple[str, Callable]] = {
     "lamb-flat": ("lamb", _lamb(True, flat_block=4096)),
     "lamb-flat-16k": ("lamb", _lamb(True, flat_block=16384)),
     "lars-fused": ("lars", _lars(True)),
+    "lars-flat": ("lars", _lars(True, flat=True)),
     "lars-foreach": ("lars", _lars(False)),
     "lamb-torch-optimizer": ("lamb", _torch_optimizer_lamb),
 }
@@ -149,7 +151,7 @@ CONSUMES_GRADS = {"lamb-fused", "lamb-foreach", "lamb-flat", "lamb-flat-16k"}
 # flat LAMB keeps its gradients in one buffer (p.grad are views of it after the first step; the
 # refresh copies into those views, as backward accumulates into them): its zero_grad is one
 # memset of that buffer instead of AdamW's set_to_none, timed separately (zero_grad column)
-FLAT = {"lamb-flat", "lamb-flat-16k"}
+FLAT = {"lamb-flat", "lamb-flat-16k", "lars-flat"}
 
 
 def _build(name: str, shapes, grads: list[torch.Tensor]):

@@ -27,7 +27,7 @@ Example::
     (torch.Size([4, 2]), [0, 0, 1, 1])
     >>> fg.zero_grad(); a.grad.data_ptr() == fg.g.data_ptr()
     True
-    >>> fg.current(), a.data_ptr() == fg.w.data_ptr(), float(b.sum())
+    >>> fg.current(), a.data_ptr() == fg.w.data_ptr(), float(b.detach().sum())
     (True, True, 8.0)
 """
 
@@ -62,10 +62,17 @@ class FlatGroup:
     ``p.grad``, the state's ``exp_avg`` / ``exp_avg_sq``) at the slot views."""
 
     def __init__(
-        self, params: Sequence[torch.nn.Parameter], block: int, state: dict[Any, Any]
+        self,
+        params: Sequence[torch.nn.Parameter],
+        block: int,
+        state: dict[Any, Any],
+        keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq"),
+        step: bool = True,
     ) -> None:
         self.params = list(params)
         self.block = block
+        self.keys = keys  # the state tensors held flat (LAMB's moments, LARS's buffer)
+        self.step = step  # whether new state gets a "step" count
         dev = self.params[0].device
         rows = [-(-p.numel() // block) for p in self.params]
         self.starts: list[int] = []
@@ -79,12 +86,12 @@ class FlatGroup:
         )
         self.w = torch.zeros(r, block, device=dev)
         self.g = torch.zeros_like(self.w)
-        self.m = torch.zeros_like(self.w)
-        self.v = torch.zeros_like(self.w)
+        self.bufs = {k: torch.zeros_like(self.w) for k in keys}
         self.w_views = self._views(self.w)
         self.g_views = self._views(self.g)
-        self.m_views = self._views(self.m)
-        self.v_views = self._views(self.v)
+        self.buf_views = {k: self._views(b) for k, b in self.bufs.items()}
+        # LAMB's names for its two moments
+        self.m, self.v = self.bufs.get("exp_avg"), self.bufs.get("exp_avg_sq")
         with torch.no_grad():
             for p, wv, gv in zip(self.params, self.w_views, self.g_views):
                 wv.copy_(p)
@@ -137,23 +144,23 @@ class FlatGroup:
         return active
 
     def bind_state(self, state: dict[Any, Any], only: Sequence[int] | None = None) -> None:
-        """Make the moments of ``state`` views of the flat buffers: moments held elsewhere
-        (``load_state_dict``, a rebuild) are copied into the slots, a parameter without state
-        gets zeroed slots when its state is created (``only``: create it for these)."""
+        """Make the state tensors (``keys``) views of the flat buffers: tensors held elsewhere
+        (``load_state_dict``, a rebuild) are copied into the slots; parameters ``only`` that
+        have no state yet get it, with zeroed slots."""
         create = set(only or ())
         for j, p in enumerate(self.params):
             st = state.get(p)
-            mv, vv = self.m_views[j], self.v_views[j]
             if not st:
                 if j not in create:
                     continue
-                mv.zero_()
-                vv.zero_()
-                state[p] = st = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
-                st["exp_avg"], st["exp_avg_sq"] = mv, vv
+                state[p] = st = {}
+                if self.step:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                for key in self.keys:
+                    st[key] = self.buf_views[key][j].zero_()
                 continue
-            for key, view in (("exp_avg", mv), ("exp_avg_sq", vv)):
-                t = st.get(key)
+            for key in self.keys:
+                view, t = self.buf_views[key][j], st.get(key)
                 if t is view:
                     continue
                 if t is None:
@@ -161,3 +168,84 @@ class FlatGroup:
                 elif t.data_ptr() != view.data_ptr():
                     view.copy_(t.reshape(view.shape))
                 st[key] = view
+
+
+class FlatMixin(torch.optim.Optimizer):
+    """The flat-buffer bookkeeping shared by ``Lamb`` and ``Lars`` (``flat=True``): one
+    :class:`FlatGroup` per eligible param group, built on the first step, rebuilt when its
+    parameters left their slots; ``zero_grad`` and ``load_state_dict`` that keep the views."""
+
+    flat: bool
+    flat_block: int
+    _flat: dict[int, FlatGroup]
+    _flat_keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    _flat_step = True
+
+    def _flat_wanted(self, group: dict[str, Any]) -> bool:
+        """Whether this group's options allow the flat path (the subclass's conditions)."""
+        return True
+
+    def _flat_kernel(self) -> bool:
+        """Whether the flat kernels compile here."""
+        return False
+
+    def _flat_group(self, gi: int, group: dict[str, Any], fused: bool) -> FlatGroup | None:
+        """The flat buffers of group ``gi``, built (or rebuilt, when the parameters left their
+        slots or the group changed) on demand; None = this group takes the per-tensor path."""
+        ps = group["params"]
+        fg = self._flat.get(gi)
+        if fg is not None and fg.same_params(ps) and fg.current():
+            return fg
+        self._flat.pop(gi, None)  # stale: the state keeps its views (copied on a rebuild)
+        if not (fused and self._flat_wanted(group) and flat_eligible(ps)):
+            return None
+        if not self._flat_kernel():
+            return None
+        fg = FlatGroup(ps, self.flat_block, self.state, self._flat_keys, self._flat_step)
+        self._flat[gi] = fg
+        return fg
+
+    def _live_flat(self) -> list[FlatGroup]:
+        return [
+            fg
+            for gi, fg in self._flat.items()
+            if gi < len(self.param_groups)
+            and fg.same_params(self.param_groups[gi]["params"])
+            and fg.current()
+        ]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``, except for the groups in flat buffers
+        (``flat=True``, after the first step): their gradient buffer is zeroed in place (one
+        memset) and every ``p.grad`` stays its view, whatever ``set_to_none`` says, so that
+        backward accumulates into the buffer (as DDP's ``gradient_as_bucket_view``); with
+        ``None`` gradients the next backward would allocate new ones, which the step then
+        copies into the buffer (correct, one copy slower). A parameter that backward does not
+        reach then has a zero gradient rather than None, so it is updated (moments decay,
+        weight decay), as with ``set_to_none=False`` in torch's optimizers."""
+        live = self._live_flat()
+        if not live:
+            return super().zero_grad(set_to_none)
+        done = set()
+        for fg in live:
+            fg.zero_grad()
+            done.update(id(p) for p in fg.params)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in done or p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``; in flat mode the loaded state tensors
+        are then copied into the flat buffers and the state points at their views again."""
+        super().load_state_dict(state_dict)
+        for fg in self._live_flat():
+            fg.bind_state(self.state)

@@ -71,12 +71,12 @@ from typing import Any
 
 import torch
 
-from colossus.optim.flat import FlatGroup, flat_eligible
+from colossus.optim.flat import FlatGroup, FlatMixin
 from offload import trust_fused
 from offload.trust import NormReducer, column_sq_norms, lamb_direction_, lamb_trust_ratio
 
 
-class Lamb(torch.optim.Optimizer):
+class Lamb(FlatMixin):
     """LAMB with decoupled weight decay; see the module docstring for the options.
 
     Param-group keys: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``bias_correction``,
@@ -156,66 +156,12 @@ class Lamb(torch.optim.Optimizer):
             w = self._work[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return w
 
-    def _flat_group(self, gi: int, group: dict[str, Any], fused: bool) -> FlatGroup | None:
-        """The flat buffers of group ``gi``, built (or rebuilt, when the parameters left their
-        slots or the group changed) on demand; None = this group takes the per-tensor path."""
-        ps = group["params"]
-        fg = self._flat.get(gi)
-        if fg is not None and fg.same_params(ps) and fg.current():
-            return fg
-        self._flat.pop(gi, None)  # stale: the state keeps its views (copied on a rebuild)
+    def _flat_wanted(self, group: dict[str, Any]) -> bool:
         # eps > 0: the zero padding's update is 0 / -eps (0 / 0 without it)
-        if not (fused and group["eps"] > 0 and flat_eligible(ps)):
-            return None
-        if not trust_fused.flat_available():
-            return None
-        fg = self._flat[gi] = FlatGroup(ps, self.flat_block, self.state)
-        return fg
+        return group["eps"] > 0
 
-    def _live_flat(self) -> list[FlatGroup]:
-        return [
-            fg
-            for gi, fg in self._flat.items()
-            if gi < len(self.param_groups)
-            and fg.same_params(self.param_groups[gi]["params"])
-            and fg.current()
-        ]
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``torch.optim.Optimizer.zero_grad``, except for the groups in flat buffers
-        (``flat=True``, after the first step): their gradient buffer is zeroed in place (one
-        memset) and every ``p.grad`` stays its view, whatever ``set_to_none`` says, so that
-        backward accumulates into the buffer (as DDP's ``gradient_as_bucket_view``); with
-        ``None`` gradients the next backward would allocate new ones, which the step then
-        copies into the buffer (correct, one copy slower). A parameter that backward does not
-        reach then has a zero gradient rather than None, so it is updated (moments decay,
-        weight decay), as with ``set_to_none=False`` in torch's optimizers."""
-        live = self._live_flat()
-        if not live:
-            return super().zero_grad(set_to_none)
-        done = set()
-        for fg in live:
-            fg.zero_grad()
-            done.update(id(p) for p in fg.params)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in done or p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``; in flat mode the loaded moments are
-        then copied into the flat buffers and the state points at their views again."""
-        super().load_state_dict(state_dict)
-        for fg in self._live_flat():
-            fg.bind_state(self.state)
+    def _flat_kernel(self) -> bool:
+        return trust_fused.flat_available()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -47,11 +47,12 @@ from typing import Any
 
 import torch
 
+from colossus.optim.flat import FlatGroup, FlatMixin
 from offload import trust_fused
 from offload.trust import NormReducer, column_sq_norms, lars_apply_, lars_trust_ratio
 
 
-class Lars(torch.optim.Optimizer):
+class Lars(FlatMixin):
     """LARS with momentum; see the module docstring for the options.
 
     Param-group keys: ``lr``, ``momentum``, ``weight_decay``, ``trust_coefficient``, ``eps``,
@@ -59,7 +60,13 @@ class Lars(torch.optim.Optimizer):
 
     ``fused`` (with momentum): the one-pass compiled apply of :mod:`offload.trust_fused` for
     large fp32 tensors (5 element accesses instead of 11); None = on CPU when it compiles,
-    True = required, False = the multi-tensor path only."""
+    True = required, False = the multi-tensor path only.
+
+    ``flat`` (default False; with momentum and the fused kernels): each group of plain fp32
+    contiguous tensors on one device in flat ``[rows, flat_block]`` buffers (parameters,
+    gradients, momentum buffers; :mod:`colossus.optim.flat`, the same bookkeeping and caveats
+    as ``Lamb(flat=True)``), so the apply is ONE compiled call per group instead of one per
+    tensor; the norms stay one ``_foreach_norm`` over the parameter views."""
 
     def __init__(
         self,
@@ -76,6 +83,8 @@ class Lars(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         norm_reducer: NormReducer | None = None,
         fused: bool | None = None,
+        flat: bool = False,
+        flat_block: int = 4096,
     ) -> None:
         if lr <= 0 or momentum < 0 or weight_decay < 0 or eps < 0 or trust_coefficient <= 0:
             raise ValueError(
@@ -84,6 +93,8 @@ class Lars(torch.optim.Optimizer):
             )
         if nesterov and momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
+        if flat_block < 1:
+            raise ValueError(f"flat_block must be positive, got {flat_block}")
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -99,6 +110,18 @@ class Lars(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.norm_reducer = norm_reducer
         self.fused = fused
+        self.flat = flat
+        self.flat_block = flat_block
+        self._flat: dict[int, FlatGroup] = {}  # param group index -> its flat buffers
+
+    _flat_keys = ("momentum_buffer",)
+    _flat_step = False
+
+    def _flat_wanted(self, group: dict[str, Any]) -> bool:
+        return group["momentum"] > 0  # the flat apply updates a momentum buffer
+
+    def _flat_kernel(self) -> bool:
+        return trust_fused.flat_available("larsf")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -106,25 +129,40 @@ class Lars(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        todo = [(g, ps) for g, ps in todo if ps]
+        todo = []
+        fused: bool | None = None
+        for gi, group in enumerate(self.param_groups):
+            fg, idx = None, []
+            if self.flat and group["params"]:
+                if fused is None:
+                    fused = trust_fused.want_fused(self.fused, group["params"][0].device)
+                fg = self._flat_group(gi, group, fused)
+            if fg is not None:
+                idx = fg.adopt_grads()  # foreign gradients copied into the buffer
+                fg.bind_state(self.state, only=idx)
+                ps = [fg.params[j] for j in idx]
+            else:
+                ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                todo.append((group, ps, fg, idx))
         if not todo:
             return loss
-        params = [p for _, ps in todo for p in ps]
-        fused = trust_fused.want_fused(self.fused, params[0].device)
+        params = [p for _, ps, _, _ in todo for p in ps]
+        if fused is None:
+            fused = trust_fused.want_fused(self.fused, params[0].device)
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Lars does not support sparse gradients")
         sq = column_sq_norms([params, grads])  # [2, n]: ||w||^2, ||g||^2 (partial if split)
         if self.norm_reducer is not None:
             self.norm_reducer(sq, params)  # the one collective of the step
+        coef = None
         if self.max_grad_norm is not None:
             # the reduced per-parameter squares sum to the global squared norm: no extra call
             coef = (sq[1].sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
-            grads = torch._foreach_div(grads, coef)
             sq[1] /= coef**2
         i = 0
-        for group, ps in todo:
+        for group, ps, fg, idx in todo:
             n = len(ps)
             gs = grads[i : i + n]
             lr, wd = group["lr"], group["weight_decay"]
@@ -140,6 +178,13 @@ class Lars(torch.optim.Optimizer):
                 scale, outside = ratio * lr, 1.0
             else:
                 scale, outside = ratio, lr
+            if fg is not None:  # the apply: ONE compiled call over the group's rows
+                rc = _flat_row_coefs(fg, idx, scale, group, outside, coef)
+                trust_fused.lars_flat_apply_(fg.w, fg.g, fg.bufs["momentum_buffer"], rc)
+                i += n
+                continue
+            if coef is not None:
+                gs = torch._foreach_div(gs, coef)  # new tensors: p.grad stays as it was
             bufs = None
             if group["momentum"]:
                 bufs = []
@@ -173,3 +218,26 @@ class Lars(torch.optim.Optimizer):
                 )
             i += n
         return loss
+
+
+def _flat_row_coefs(
+    fg: FlatGroup,
+    idx: list[int],
+    scale: torch.Tensor,
+    group: dict[str, Any],
+    outside: float,
+    coef: torch.Tensor | None,
+) -> torch.Tensor:
+    """``[rows, 6]`` coefficients of :func:`offload.trust_fused.lars_flat_apply_` for the
+    parameters ``idx`` that have a gradient (``scale[k]`` for ``idx[k]``); a parameter without
+    one gets scale 0, momentum 1 and lr 0 outside: buffer and weight kept exactly."""
+    dev = fg.w.device
+    k, n = len(idx), len(fg.params)
+    per = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0], device=dev).repeat(n, 1)
+    const = torch.tensor(
+        [group["weight_decay"], group["momentum"], outside, float(group["nesterov"])],
+        device=dev,
+    )
+    gdiv = torch.ones(k, 1, device=dev) if coef is None else coef.float().expand(k, 1)
+    per[idx] = torch.cat([scale.float().unsqueeze(1), const.expand(k, 4), gdiv], 1)
+    return per.index_select(0, fg.owner)

@@ -249,7 +249,7 @@ FLAT = {"fused": True, "flat": True, "flat_block": 4}  # 4: parameters straddle 
 def flat_kernel():
     import offload.trust_fused as tf
 
-    if not tf.flat_available():
+    if not (tf.flat_available() and tf.flat_available("larsf")):
         pytest.skip(f"no compiled kernels here: {tf._KERNELS.error}")
 
 
@@ -288,13 +288,14 @@ def test_lamb_flat_matches_float64_paper(case, bucket, flat_kernel):
         assert err <= TOL, f"{case}: {n} differs by {err:.3g}"
 
 
-def _flat_vs_per_tensor(mutate, steps: int = 6):
-    """Run flat and per-tensor LAMB side by side on the test problem, calling
+def _flat_vs_per_tensor(mutate, steps: int = 6, cls=Lamb):
+    """Run flat and per-tensor ``cls`` side by side on the test problem, calling
     ``mutate(t, params, opt)`` before each step; returns both parameter dicts and optimizers."""
     runs = []
+    kw = {"lr": 0.02} if cls is Lamb else {"lr": 0.1, "momentum": 0.9, "trust_coefficient": 0.2}
     for opts in (FLAT, {"fused": False}):
         params, targets, noise = _problem()
-        opt = Lamb(_groups(params, 0.05, False), lr=0.02, weight_decay=0.05, **opts)
+        opt = cls(_groups(params, 0.05, False), weight_decay=0.05, **kw, **opts)
         for t in range(steps):
             g = _grads(params, targets, noise, t)
             for n, p in params.items():
@@ -305,10 +306,12 @@ def _flat_vs_per_tensor(mutate, steps: int = 6):
     return runs
 
 
-def test_lamb_flat_skips_params_without_grad(flat_kernel):
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_flat_skips_params_without_grad(cls, flat_kernel):
     """A parameter whose gradient is None at a step is skipped as on the per-tensor path: its
-    moments and weight are untouched (exactly), its step count does not advance."""
+    state and weight are untouched (exactly), LAMB's step count does not advance."""
     seen = {}
+    key = "exp_avg" if cls is Lamb else "momentum_buffer"
 
     def drop(t, params, opt):
         if t in (2, 3):
@@ -316,22 +319,25 @@ def test_lamb_flat_skips_params_without_grad(flat_kernel):
             params["bias"].grad = None
             if opt.flat:
                 st = opt.state[params["w3"]]
-                seen[t] = (params["w3"].detach().clone(), st["exp_avg"].clone())
+                seen[t] = (params["w3"].detach().clone(), st[key].clone())
         elif t == 4 and opt.flat:
             st = opt.state[params["w3"]]
             assert torch.equal(params["w3"], seen[2][0])
-            assert torch.equal(st["exp_avg"], seen[2][1])
+            assert torch.equal(st[key], seen[2][1])
 
-    (flat, fopt), (ref, ropt) = _flat_vs_per_tensor(drop)
-    assert fopt._flat and fopt.state[flat["w3"]]["step"].item() == 4
+    (flat, fopt), (ref, ropt) = _flat_vs_per_tensor(drop, cls=cls)
+    assert fopt._flat
+    if cls is Lamb:
+        assert fopt.state[flat["w3"]]["step"].item() == 4
     for n in SHAPES:
         assert _err(flat[n], ref[n].detach().double()) <= TOL, n
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in fopt._flat_keys:
             a, b = fopt.state[flat[n]][key], ropt.state[ref[n]][key]
             assert _err(a, b.double()) <= TOL, (n, key)
 
 
-def test_lamb_flat_rebuilds_when_storage_changes(flat_kernel):
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_flat_rebuilds_when_storage_changes(cls, flat_kernel):
     """``p.data`` replaced (a parameter moved out of its slot): the step sees it and builds new
     buffers from the current values and moments instead of stepping on stale storage."""
 
@@ -343,7 +349,7 @@ def test_lamb_flat_rebuilds_when_storage_changes(flat_kernel):
         if t == 3 and opt.flat:
             assert not all(fg.current() for fg in opt._flat.values())
 
-    (flat, fopt), (ref, _) = _flat_vs_per_tensor(move)
+    (flat, fopt), (ref, _) = _flat_vs_per_tensor(move, cls=cls)
     assert all(fg.current() for fg in fopt._flat.values())
     for n in SHAPES:
         assert _err(flat[n], ref[n].detach().double()) <= TOL, n
@@ -481,7 +487,8 @@ def _lr_at(t: int) -> float:
     return 0.1 * (0.5 + 0.5 * math.cos(math.pi * t / STEPS))  # a schedule: the lr changes
 
 
-def _run_lars(opts: dict, fused: bool | None = False):
+def _run_lars(opts: dict, fused: bool | None = False, bucket: bool = False, out=None):
+    """``bucket`` / ``out``: as in :func:`_run_lamb`."""
     o = {"momentum": 0.9, "weight_decay": 5e-3, "trust_coefficient": 0.2, "eps": 0.0}
     o["fused"] = fused
     o.update(opts)
@@ -495,10 +502,17 @@ def _run_lars(opts: dict, fused: bool | None = False):
         g = _grads(params, targets, noise, t)
         grads.append(g)
         for n, p in params.items():
-            p.grad = g[n].clone()
+            if bucket and p.grad is not None:
+                p.grad.add_(g[n])
+            else:
+                p.grad = g[n].clone()
         for group in opt.param_groups:
             group["lr"] = _lr_at(t)
         opt.step()
+        if bucket:
+            opt.zero_grad(set_to_none=True)
+    if out is not None:
+        out.append(opt)
     ref = ref_lars(
         w0,
         grads,
@@ -524,6 +538,32 @@ def test_lars_matches_float64_paper(case, fused):
         assert err <= TOL, f"{case}: {n} differs by {err:.3g}"
     moved = max((ref[n] - w0[n].double()).abs().max().item() for n in SHAPES)
     assert moved > 0.05, "the problem should move the parameters"
+
+
+@pytest.mark.parametrize(
+    "case,bucket",
+    [(c, True) for c in LARS_CASES] + [("default", False), ("max-grad-norm", False)],
+    ids=[*LARS_CASES, "default-foreign-grads", "max-grad-norm-foreign-grads"],
+)
+def test_lars_flat_matches_float64_paper(case, bucket):
+    """Every option on the flat-buffer LARS path (one compiled apply per group over [rows, 4]
+    blocks; momentum 0 takes the per-tensor path), gradients into the bucket or assigned."""
+    import offload.trust_fused as tf
+
+    if not tf.flat_available("larsf"):
+        pytest.skip(f"no compiled kernels here: {tf._KERNELS.error}")
+    out: list = []
+    params, ref, w0 = _run_lars({**LARS_CASES[case], **FLAT}, True, bucket=bucket, out=out)
+    opt = out[0]
+    flat = LARS_CASES[case].get("momentum", 0.9) > 0
+    assert len(opt._flat) == (2 if flat else 0)
+    for fg in opt._flat.values():
+        for p in fg.params:
+            assert _in_flat(fg, p, fg.w) and _in_flat(fg, p.grad, fg.g)
+            assert _in_flat(fg, opt.state[p]["momentum_buffer"], fg.bufs["momentum_buffer"])
+    for n, p in params.items():
+        err = _err(p, ref[n])
+        assert err <= TOL, f"{case}: {n} differs by {err:.3g}"
 
 
 def test_lars_options_change_the_numbers():
