@@ -153,7 +153,27 @@ class Lars(FlatMixin):
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Lars does not support sparse gradients")
-        sq = column_sq_norms([params, grads])  # [2, n]: ||w||^2, ||g||^2 (partial if split)
+        # [2, n]: ||w||^2, ||g||^2 (partial if split), in parameter order
+        if not any(fg is not None for _, _, fg, _ in todo):
+            sq = column_sq_norms([params, grads])
+        else:
+            sq = torch.zeros(2, len(params), device=params[0].device)
+            i, rest = 0, []
+            for _, ps, fg, idx in todo:
+                if fg is None:
+                    rest += range(i, i + len(ps))
+                else:  # row norms over the flat buffers (2 calls), summed per parameter
+                    rows = torch.stack(
+                        [
+                            torch.linalg.vector_norm(fg.w, dim=1),
+                            torch.linalg.vector_norm(fg.g, dim=1),
+                        ]
+                    ).square()
+                    per = torch.zeros(2, len(fg.params), device=sq.device)
+                    sq[:, i : i + len(ps)] = per.index_add_(1, fg.owner, rows)[:, idx]
+                i += len(ps)
+            if rest:
+                sq[:, rest] = column_sq_norms([[params[k] for k in rest], [grads[k] for k in rest]])
         if self.norm_reducer is not None:
             self.norm_reducer(sq, params)  # the one collective of the step
         coef = None
