@@ -216,14 +216,24 @@ def test_lamb_multi_tensor_fallback_matches_paper(case, monkeypatch):
         assert err <= TOL, f"{n} differs by {err:.3g}"
 
 
-def test_lamb_matches_torch_optimizer():
+@pytest.mark.parametrize("flat", [False, True], ids=["default", "flat"])
+def test_lamb_matches_torch_optimizer(flat):
     """torch-optimizer's Lamb (debias=False, clamp_value=10, trust ratio for every parameter,
     decay on every parameter) is LAMB with bias_correction=False, phi_max=10."""
+    import offload.trust_fused as tf
+
     torch_optimizer = pytest.importorskip("torch_optimizer")
+    if flat and not tf.flat_available():
+        pytest.skip(f"no compiled kernels here: {tf._KERNELS.error}")
     params, targets, noise = _problem()
     p2 = {n: torch.nn.Parameter(p.detach().clone()) for n, p in params.items()}
     ours = Lamb(
-        list(params.values()), lr=0.02, weight_decay=0.05, bias_correction=False, phi_max=10.0
+        list(params.values()),
+        lr=0.02,
+        weight_decay=0.05,
+        bias_correction=False,
+        phi_max=10.0,
+        **(FLAT if flat else {}),
     )
     theirs = torch_optimizer.Lamb(
         list(p2.values()), lr=0.02, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.05,
