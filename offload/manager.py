@@ -59,7 +59,8 @@ from .nvme import NvmeStore
 from .pool import PoolMember
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
-from .swap import ParamFetcher, ShardSwapper
+from .staging import staged_bytes
+from .swap import READ_ONLY, ParamFetcher, ShardSwapper
 from .tiers import (
     AccessOrder,
     Tier,
@@ -389,16 +390,8 @@ class ChunkManager:
                 if c.optim_tier == "nvme":
                     max_nvme_shard = max(max_nvme_shard, n)
                     need["nvme"] += 4096 * 5  # extents are block-aligned
-        if max_nvme_shard:  # host staging at its peak: the swap pipeline's depth + 2 buffer
-            # sets of (m, v, master, grad), plus for NVMe params the read-ahead buffers and the
-            # gradient write-behind buffers; each sized for the largest shards it may hold
-            big = sorted(
-                (c.shard_size for c in self.chunks if c.optim_tier == "nvme"), reverse=True
-            )
-            top = sum(big[: cfg.nvme_prefetch + 2])
-            need["host"] += 4 * 4 * top
-            if any(c.param_tier == "nvme" for c in self.chunks):
-                need["host"] += 4 * (sum(big[: cfg.nvme_prefetch + 1]) + top)
+        if max_nvme_shard:
+            need["host"] += self._staging_bytes()
         w = self.dtype.itemsize
         caps = sorted((c.capacity for c in self.chunks), reverse=True)
         # gradient buffers alive at once in backward: a tied embedding's (its first gradient
@@ -413,6 +406,24 @@ class ChunkManager:
             kept = [c for c in self.chunks if c.keep_gathered]
             need["device"] += sum(c.capacity for c in kept) * w
         return need
+
+    def _staging_bytes(self) -> int:
+        """Host staging at its peak: the swap pipeline's depth + 2 buffer sets of (m, v,
+        master, grad), plus for NVMe params the read-ahead buffers and the gradient
+        write-behind buffers; each sized for the largest shards it may hold."""
+        # fp32 shard bytes as the staging pool maps them (2 MiB steps from 2 MiB up)
+        big = sorted(
+            (staged_bytes(c.shard_size * 4) for c in self.chunks if c.optim_tier == "nvme"),
+            reverse=True,
+        )
+        if not big:
+            return 0
+        depth = self.config.nvme_prefetch
+        top = sum(big[: depth + 2])
+        out = 4 * top
+        if any(c.param_tier == "nvme" for c in self.chunks):
+            out += sum(big[: depth + 1]) + top
+        return out
 
     def _over_budget(self, need: dict[str, int]) -> dict[str, int]:
         """Tiers whose budget ``need`` (plus the activation reserve on the device) exceeds."""
@@ -629,6 +640,7 @@ class ChunkManager:
         if torch.is_grad_enabled():
             self.order.start_iteration()
             self._in_step = True
+            self._read_ahead_done = False
             if self.activations is None and self._tracer is None:  # first training forward
                 self._tracer = ActivationTracer(self._module, self._model_storages)
                 self._tracer.__enter__()
@@ -742,11 +754,11 @@ class ChunkManager:
             self._end_gather(c)
         self._prefetch_gathers()
         if (
-            self._backward_active
+            self._in_step
             and self.swapper is not None
             and not self._read_ahead_done
             and self.order.frozen
-            and not self._upcoming(c)  # no parameter read left in this backward
+            and not self._upcoming(c)  # no parameter read left in this forward + backward
         ):
             self._optim_read_ahead()
 
@@ -833,7 +845,7 @@ class ChunkManager:
             # past the end of backward comes the optimizer step, which rewrites the shards: a
             # read of the next forward's chunks then would be stale (the update pass hands
             # those over itself); outside training the order wraps around
-            end = len(seq) if self._backward_active else pos + len(seq)
+            end = len(seq) if self._in_step else pos + len(seq)
             for i in range(pos, end):
                 nxt = self.chunks[seq[i % len(seq)]]
                 if len(out) >= want:
@@ -1226,7 +1238,11 @@ class ChunkManager:
             in_ram=kept,
         )
         if write_back:
-            self.swapper.release_buffers()  # forward / backward need the memory until next pass
+            # the sets' memory goes back to the store's staging pool, which keeps it (up to
+            # the planned staging peak) for the next step's reads instead of the kernel
+            # faulting and zeroing fresh pages in backward
+            self.swapper.release_buffers()
+            self.swapper.store.staging.trim(self._staging_bytes())
         for i, (buf, fut) in self.swapper.take_handed().items():
             assert self.fetcher is not None
             self.fetcher.adopt(self.chunks[i], buf, fut)
@@ -1236,7 +1252,8 @@ class ChunkManager:
     def _account_staging(self) -> None:
         host, sw = self.tiers["host"], self.swapper
         assert sw is not None
-        staging = sw.buffer_bytes() + (self.fetcher.buffer_bytes() if self.fetcher else 0)
+        in_use = sw.buffer_bytes() + (self.fetcher.buffer_bytes() if self.fetcher else 0)
+        staging = max(in_use, sw.store.staging.bytes)  # the pool's idle memory is resident
         host.account("staging", staging - host.bytes["staging"])
 
     def _first_use(self) -> dict[int, int]:
@@ -1354,6 +1371,7 @@ class ChunkManager:
         # and takes the last gradients backward wrote from their write-behind buffers
         handed = set(self._hand_over([c for c in self.chunks if c.requires_grad]))
         kept = self._grads_kept()
+        taken = self._state_taken_over()
         for c in self.chunks:
             if not c.requires_grad:
                 continue
@@ -1363,9 +1381,31 @@ class ChunkManager:
             if c.optim_tier == "nvme":
                 master = int(self._separate_master(c) or c.param_tier == "nvme")
                 grad = int(c.param_tier == "nvme" and c.index not in kept)
-                io += (2 + master + grad) * s  # reads
+                saved = sum((c.index, k) in taken for k in ("exp_avg", "exp_avg_sq", "master"))
+                io += (2 + master + grad - saved) * s  # reads
                 io += (2 + master) * s  # writes
         return io
+
+    def _state_taken_over(self) -> set[tuple[int, str]]:
+        """NVMe state keys the read-ahead takes from the last pass's deferred write-back
+        buffers instead of reading them (:meth:`ShardSwapper.read_ahead`): the pass defers the
+        write-backs of its last ``nvme_prefetch + 2`` chunks, the read-ahead covers its first
+        ``nvme_prefetch + 1``; they meet when the pass is short. Handed-over masters are the
+        parameter fetcher's, not taken."""
+        if self.swapper is None or not self.order.frozen:
+            return set()
+        todo = [c for c in self.chunks if c.requires_grad and c.optim_tier == "nvme"]
+        todo = [c for c in self._pass_order(todo) if self.swapper.keys.get(c.index)]
+        depth = self.config.nvme_prefetch
+        deferred = {c.index for c in todo[-(depth + 2) :]}
+        handed = set(self._hand_over(todo))
+        return {
+            (c.index, k)
+            for c in todo[: depth + 1]
+            if c.index in deferred
+            for k in self.swapper.keys[c.index]
+            if k not in READ_ONLY and not (k == "master" and c.index in handed)
+        }
 
     def _grads_kept(self) -> set[int]:
         """NVMe gradient shards the update pass finds still in RAM: the last ones backward

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .nvme import Extent, NvmeStore
+from .nvme import AHEAD, BEHIND, NEEDED, Extent, NvmeStore
 
 READ_ONLY = frozenset({"grad"})
 """Keys the optimizer pass reads but never writes back (the gradient is consumed, not updated)."""
@@ -96,6 +96,8 @@ class ShardSwapper:
         # updated masters handed over at the end of a pass (the next forward's first chunks):
         # chunk index -> (buffer, its write-back future)
         self.handed: dict[int, tuple[torch.Tensor, Future]] = {}
+        # pending write-backs whose buffer was handed over (it is not ours to take over)
+        self._lent: set[tuple[int, str]] = set()
         self.io_wait_s = 0.0  # time the compute thread waited for reads / writes
         self.io_s = 0.0  # wall time of pipelined passes
 
@@ -127,7 +129,7 @@ class ShardSwapper:
             self._drop_early(idx)  # read before this write: stale
         buf = self.store.empty(t.numel(), torch.float32)
         buf.copy_(t)
-        fut = self.store.write(self.extents[(idx, key)], buf)
+        fut = self.store.write(self.extents[(idx, key)], buf, priority=AHEAD)
         self.pending[(idx, key)] = (fut, buf)
         self.written.add((idx, key))
         return fut
@@ -135,6 +137,7 @@ class ShardSwapper:
     def settle(self, chunk: Any, key: str) -> None:
         """Wait for a background write of ``key`` (raises its I/O error, if any)."""
         entry = self.pending.pop((_idx(chunk), key), None)
+        self._lent.discard((_idx(chunk), key))
         if entry is not None:
             t0 = time.perf_counter()
             entry[0].result()
@@ -144,10 +147,10 @@ class ShardSwapper:
         for idx, key in list(self.pending):
             self.settle(idx, key)
 
-    def read_async(self, chunk: Any, key: str, out: torch.Tensor) -> Future:
+    def read_async(self, chunk: Any, key: str, out: torch.Tensor, priority: int = NEEDED) -> Future:
         """Read ``key`` into ``out`` (an aligned buffer from ``store.empty``)."""
         self.settle(chunk, key)
-        return self.store.read(self.extents[(_idx(chunk), key)], out)
+        return self.store.read(self.extents[(_idx(chunk), key)], out, priority)
 
     def invalidate(self, chunk: Any, key: str) -> None:
         """Forget ``key``'s content: the next pass zero-fills instead of reading it."""
@@ -186,9 +189,12 @@ class ShardSwapper:
     def read_ahead(self, chunks: Iterable[Any]) -> None:
         """Start the next pass's first reads now (the first ``depth + 1`` of ``chunks`` with
         NVMe state; ``grad`` excluded: it may still be being written). The manager calls it
-        in backward once no parameter read is left, so the disk, idle while backward computes,
-        reads optimizer state; the pass picks the buffers up. A later write of a key read here
-        drops the read (:meth:`write_async`), so nothing stale is ever used."""
+        once no parameter read is left in the step, so the disk, idle while forward and
+        backward compute, reads optimizer state; the pass picks the buffers up. A key whose
+        write-back is still pending (deferred by the last pass) is not read: its write buffer
+        holds the current content and is taken over (the pass waits for the write before it
+        changes the buffer). A later write of a key read here drops the read
+        (:meth:`write_async`), so nothing stale is ever used."""
         want = [c for c in chunks if self.keys.get(c.index)][: self.depth + 1]
         for c in want:
             if c.index in self._early:
@@ -197,9 +203,16 @@ class ShardSwapper:
             for k in self.keys[c.index]:
                 if k in READ_ONLY:
                     continue
+                pending = self.pending.pop((c.index, k), None)
+                lent = (c.index, k) in self._lent  # the parameter fetcher reuses that buffer
+                if pending is not None and not lent and pending[1].numel() >= c.shard_size:
+                    futs[k], bufs[k] = pending
+                    continue
+                if pending is not None:
+                    self.pending[(c.index, k)] = pending  # read_async waits for it
                 b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
                 if (c.index, k) in self.written:
-                    futs[k] = self.read_async(c, k, b)
+                    futs[k] = self.read_async(c, k, b, priority=AHEAD)
                 else:
                     b.zero_()
                     futs[k] = None
@@ -265,6 +278,7 @@ class ShardSwapper:
         else:
             self.drop_read_ahead()
         hand = set(hand_over) if write_back else set()
+        self._lent &= set(self.pending)
         reads: deque = deque()
         writes: deque = deque()
         t_start = time.perf_counter()
@@ -313,11 +327,12 @@ class ShardSwapper:
                         if k in READ_ONLY:
                             continue
                         ext = self.extents[(c.index, k)]
-                        fut = self.store.write(ext, bufs[k][: c.shard_size])
+                        fut = self.store.write(ext, bufs[k][: c.shard_size], priority=BEHIND)
                         wf.append((c.index, k, fut, bufs[k]))
                         self.written.add((c.index, k))
                         if k == "master" and c.index in hand:
                             self.handed[c.index] = (bufs.pop(k), fut)
+                            self._lent.add((c.index, k))
                     writes.append((bufs, wf))
                 else:
                     self._sets.append(bufs)
@@ -347,6 +362,7 @@ class ShardSwapper:
         self._early.clear()
         self.handed.clear()
         self.pending.clear()
+        self._lent.clear()
         self.store.close()
 
 

@@ -77,7 +77,8 @@ def probe(directory: str, nbytes: int, threads: int, request: int) -> dict[str, 
         store.read(ext, buf).result()
         r = buf.nbytes / (time.perf_counter() - t) / 1e9
         t = time.perf_counter()
-        futs = [store.read(ext, buf), store.write(ext2, other)]
+        # same priority: both directions in flight together, as in a step
+        futs = [store.read(ext, buf, priority=0), store.write(ext2, other, priority=0)]
         for f in futs:
             f.result()
         os.fsync(store.fd)

@@ -28,6 +28,8 @@ def test_bench_nvme_small(tmp_path):
     # (each parameter shard read once but those the update pass hands over, grads written and
     # read back, master/m/v read and written), plus the re-read of the chunk holding the tied
     # embedding (first and last module of forward: released in between) and the 4 KiB
-    # alignment of each extent
-    assert 1.0 <= s["moved_vs_min"] <= 1.15, s
+    # alignment of each extent. This model's pass is short, so the read-ahead takes most
+    # optimizer state from the last pass's write-back buffers (counted in the minimum too):
+    # the fixed re-read weighs ~18 % of what is left
+    assert 1.0 <= s["moved_vs_min"] <= 1.25, s
     assert list((tmp_path / "d").iterdir()) == []  # probe and training stores cleaned up

@@ -18,6 +18,7 @@ MODULES = [
     "offload.trust_fused",
     "offload.consolidate",
     "offload.nvme",
+    "offload.staging",
     "offload.swap",
     "offload.lazy",
     "offload.timeline",

@@ -1,0 +1,136 @@
+"""Host staging buffers for NVMe transfers: aligned, on transparent huge pages, reused across steps.
+
+Why a pool: the swap pipeline stages every byte it moves (parameter reads, optimizer state
+read-ahead, gradient write-behind) through host buffers. Allocated fresh each step, every
+buffer's pages are faulted in and zeroed by the kernel on first touch, inside the disk's DMA
+or a copy: measured on this 2-core box, a step of a 0.1 B-parameter model with everything on
+NVMe took ~2.5 GB of fresh pages in backward, 640 K faults with 4 KiB pages, and with huge
+pages still ~1.5-2.7 s of kernel time in the I/O threads (zeroing) while backward computed.
+Reusing the same memory makes that cost once per run. Large buffers are anonymous mappings
+advised as transparent huge pages (512x fewer faults where the kernel allows it, ``madvise``
+mode included).
+
+A slab is free when nothing references its memory any more (the last tensor or view on it
+is gone): the pool holds the only reference to the mapping then (CPython's reference count
+of the ``mmap`` object; a tensor made with ``torch.frombuffer`` keeps its buffer exported).
+So callers never return buffers explicitly; the pool never hands out memory still in use.
+Slabs are sized in 2 MiB steps and matched by size, so the pool grows to the most bytes the
+pipeline held at once per size (its bounded depth), not further; :meth:`StagingPool.trim`
+gives idle slabs back.
+
+Example::
+
+    >>> from offload.staging import StagingPool
+    >>> pool = StagingPool()
+    >>> a = pool.empty(3 << 20); ptr = a.data_ptr(); del a
+    >>> b = pool.empty(3 << 20); b.data_ptr() == ptr, pool.allocated, pool.reused
+    (True, 1, 1)
+    >>> pool.trim(), pool.bytes   # b still alive: its slab stays
+    (0, 4194304)
+    >>> del b; pool.trim(), pool.bytes
+    (4194304, 0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import sys
+import threading
+
+import torch
+
+ALIGN = 4096
+HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+
+
+def round_up(n: int, m: int = ALIGN) -> int:
+    return -(-n // m) * m
+
+
+def staged_bytes(nbytes: int) -> int:
+    """Host bytes a :class:`StagingPool` buffer of ``nbytes`` occupies."""
+    n = round_up(max(nbytes, 1))
+    return round_up(n, HUGE_PAGE) if n >= HUGE_PAGE else n
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:
+    """A uint8 CPU tensor of ``round_up(nbytes)`` bytes whose address is ``align``-aligned
+    (not pooled: small buffers and alignments above the page size)."""
+    n = round_up(max(nbytes, 1), align)
+    raw = torch.empty(n + align, dtype=torch.uint8)
+    off = (-raw.data_ptr()) % align
+    return raw[off : off + n]
+
+
+def _huge_mapping(nbytes: int) -> mmap.mmap:
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if _MADV_HUGEPAGE is not None:
+        with contextlib.suppress(OSError):  # THP disabled ("never"): plain pages, still correct
+            mm.madvise(_MADV_HUGEPAGE)
+    return mm
+
+
+class StagingPool:
+    """Page-aligned host buffers of 2 MiB and up, kept and reused; smaller ones are plain
+    aligned allocations. ``empty(nbytes)`` returns a uint8 tensor of ``round_up(nbytes)``
+    bytes. Thread-safe. ``bytes``: mapped bytes held (in use and idle); ``allocated`` /
+    ``reused``: slabs mapped / handed out again."""
+
+    def __init__(self, min_bytes: int = HUGE_PAGE) -> None:
+        self.min_bytes = min_bytes
+        self._slabs: list[mmap.mmap] = []
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.allocated = 0
+        self.reused = 0
+
+    def _idle(self, i: int) -> bool:
+        # 2 references = the list's and getrefcount's argument: no tensor exports the slab
+        return sys.getrefcount(self._slabs[i]) == 2
+
+    def _free_slab(self, size: int) -> mmap.mmap | None:
+        for i in range(len(self._slabs)):
+            if len(self._slabs[i]) == size and self._idle(i):
+                return self._slabs[i]
+        return None
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        n = round_up(max(nbytes, 1))
+        if n < self.min_bytes or sys.platform != "linux":
+            return aligned_empty(n)
+        size = staged_bytes(n)
+        with self._lock:
+            mm = self._free_slab(size)
+            if mm is None:
+                mm = _huge_mapping(size)
+                self._slabs.append(mm)
+                self.bytes += size
+                self.allocated += 1
+            else:
+                self.reused += 1
+            return torch.frombuffer(mm, dtype=torch.uint8, count=n)
+
+    def idle_bytes(self) -> int:
+        with self._lock:
+            return sum(len(self._slabs[i]) for i in range(len(self._slabs)) if self._idle(i))
+
+    def trim(self, keep_bytes: int = 0) -> int:
+        """Unmap idle slabs (largest first) until at most ``keep_bytes`` are held in all;
+        returns the bytes given back."""
+        freed = 0
+        with self._lock:
+            by_size = sorted(range(len(self._slabs)), key=lambda i: -len(self._slabs[i]))
+            drop = set()
+            for i in by_size:
+                if self.bytes - freed <= keep_bytes:
+                    break
+                if self._idle(i):
+                    freed += len(self._slabs[i])
+                    drop.add(i)
+            for i in drop:
+                self._slabs[i].close()
+            self._slabs = [m for i, m in enumerate(self._slabs) if i not in drop]
+            self.bytes -= freed
+        return freed
