@@ -46,9 +46,9 @@ group (per-row sums of ``w^2`` and ``u^2`` in the same loop), a segment sum of t
 per-parameter norms, the same single reducer call, and ONE native ``addcmul_`` per group: the
 same 10 element accesses without the per-tensor compiled calls' fixed costs (``docs/benchmarks.md``,
 ``colossus bench optim``, variant ``lamb-flat``). It is not the default because the parameters
-then share one storage (and the moments too): ``safetensors``' ``save_model`` / ``save_file``
-(and ``save_pretrained``) refuse tensors that share memory without covering it, so save a flat
-model's (and optimizer's) state with clones (``{k: v.clone() ...}``) or ``torch.save``. ``zero_grad`` keeps the gradients as zeroed views
+then share one storage, which ``safetensors.torch.save_model`` (used by the trainer's
+checkpoints) refuses ("None is covering the entire storage"); ``save_file`` of the state dicts,
+Hugging Face's ``save_pretrained`` and ``torch.save`` take them (checked). ``zero_grad`` keeps the gradients as zeroed views
 (see :meth:`Lamb.zero_grad`).
 
 Example::
