@@ -173,7 +173,16 @@ class FlatGroup:
 class FlatMixin(torch.optim.Optimizer):
     """The flat-buffer bookkeeping shared by ``Lamb`` and ``Lars`` (``flat=True``): one
     :class:`FlatGroup` per eligible param group, built on the first step, rebuilt when its
-    parameters left their slots; ``zero_grad`` and ``load_state_dict`` that keep the views."""
+    parameters left their slots; ``zero_grad`` and ``load_state_dict`` that keep the views.
+
+    Example::
+
+        >>> from colossus.optim import Lamb, Lars
+        >>> issubclass(Lamb, FlatMixin) and issubclass(Lars, FlatMixin)
+        True
+        >>> (Lamb._flat_keys, Lars._flat_keys)
+        (('exp_avg', 'exp_avg_sq'), ('momentum_buffer',))
+    """
 
     flat: bool
     flat_block: int

@@ -7,6 +7,7 @@ import pytest
 
 MODULES = [
     "colossus.optim",
+    "colossus.optim.flat",
     "colossus.optim.groups",
     "colossus.optim.lamb",
     "colossus.optim.lars",
