@@ -53,12 +53,13 @@ from .staging import ALIGN, StagingPool, round_up
 
 DIR_PREFIX = "colossus-nvme-"
 
-# Request priorities (lower goes first; FIFO within one). A read that compute is about to wait
-# for must not queue behind write-backs nobody waits for: measured, the previous step's
-# deferred optimizer write-backs (~1 GB) delayed the first forward reads by ~0.4 s.
-NEEDED = 0  # parameter reads, reads of the update pass in progress
-AHEAD = 1  # read-ahead of the next pass, gradient write-behind (backward waits when it lags)
-BEHIND = 2  # write-backs of updated state: nothing waits for them until their key is read
+# Request priorities (lower goes first; FIFO within one). Parameter reads that compute is
+# about to wait for must not queue behind write-backs nobody waits for: measured, the previous
+# step's deferred optimizer write-backs (~1 GB) delayed the first forward reads by ~0.4 s.
+# Everything else shares one level, so reads and writes stay in flight together (this disk
+# moves both directions at once faster than one after the other).
+NEEDED = 0  # parameter reads (forward / backward wait for them)
+BACKGROUND = 1  # update-pass reads and write-backs, read-ahead, gradient write-behind
 
 
 class NvmeError(RuntimeError):
@@ -123,7 +124,7 @@ class _IoPool:
     """``threads`` workers taking requests by priority (lower first), FIFO within one.
 
     Why not ``ThreadPoolExecutor``: it is FIFO only; the swap pipeline needs the reads that
-    compute waits for ahead of queued write-backs (see ``NEEDED`` / ``AHEAD`` / ``BEHIND``)."""
+    compute waits for ahead of queued write-backs (see ``NEEDED`` / ``BACKGROUND``)."""
 
     def __init__(self, threads: int, name: str) -> None:
         self._heap: list = []
@@ -368,7 +369,7 @@ class NvmeStore:
     def _pread(self, mv: memoryview, offset: int) -> None:
         self._io(os.preadv, "read", mv, offset)
 
-    def write(self, ext: Extent, t: torch.Tensor, priority: int = BEHIND) -> Future:
+    def write(self, ext: Extent, t: torch.Tensor, priority: int = BACKGROUND) -> Future:
         """Write ``t`` at ``ext`` in the background; the future raises on an I/O error.
         Requests of a lower ``priority`` value go first. Nothing orders a read after a write
         of the same extent but the caller: wait for the write's future first."""

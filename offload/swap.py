@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .nvme import AHEAD, BEHIND, NEEDED, Extent, NvmeStore
+from .nvme import BACKGROUND, NEEDED, Extent, NvmeStore
 
 READ_ONLY = frozenset({"grad"})
 """Keys the optimizer pass reads but never writes back (the gradient is consumed, not updated)."""
@@ -129,7 +129,7 @@ class ShardSwapper:
             self._drop_early(idx)  # read before this write: stale
         buf = self.store.empty(t.numel(), torch.float32)
         buf.copy_(t)
-        fut = self.store.write(self.extents[(idx, key)], buf, priority=AHEAD)
+        fut = self.store.write(self.extents[(idx, key)], buf, priority=BACKGROUND)
         self.pending[(idx, key)] = (fut, buf)
         self.written.add((idx, key))
         return fut
@@ -212,7 +212,7 @@ class ShardSwapper:
                     self.pending[(c.index, k)] = pending  # read_async waits for it
                 b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
                 if (c.index, k) in self.written:
-                    futs[k] = self.read_async(c, k, b, priority=AHEAD)
+                    futs[k] = self.read_async(c, k, b, priority=BACKGROUND)
                 else:
                     b.zero_()
                     futs[k] = None
@@ -297,7 +297,7 @@ class ShardSwapper:
                     continue
                 b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
                 if (c.index, k) in self.written:
-                    futs.append(self.read_async(c, k, b))
+                    futs.append(self.read_async(c, k, b, priority=BACKGROUND))
                 else:
                     b.zero_()
             reads.append((c, bufs, futs))
@@ -327,7 +327,7 @@ class ShardSwapper:
                         if k in READ_ONLY:
                             continue
                         ext = self.extents[(c.index, k)]
-                        fut = self.store.write(ext, bufs[k][: c.shard_size], priority=BEHIND)
+                        fut = self.store.write(ext, bufs[k][: c.shard_size], priority=BACKGROUND)
                         wf.append((c.index, k, fut, bufs[k]))
                         self.written.add((c.index, k))
                         if k == "master" and c.index in hand:

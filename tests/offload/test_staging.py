@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from offload.nvme import AHEAD, ALIGN, BEHIND, NEEDED, NvmeStore, _IoPool
+from offload.nvme import ALIGN, BACKGROUND, NEEDED, NvmeStore, _IoPool
 from offload.staging import HUGE_PAGE, StagingPool, staged_bytes
 
 
@@ -77,15 +77,15 @@ def test_io_pool_serves_lower_priority_values_first_fifo_within_one():
     gate, order = threading.Event(), []
     first = pool.submit(NEEDED, gate.wait)  # occupies the only worker
     futs = [
-        pool.submit(BEHIND, order.append, "write-back 1"),
-        pool.submit(AHEAD, order.append, "read-ahead"),
-        pool.submit(BEHIND, order.append, "write-back 2"),
-        pool.submit(NEEDED, order.append, "needed read"),
+        pool.submit(BACKGROUND, order.append, "write-back 1"),
+        pool.submit(BACKGROUND, order.append, "read-ahead"),
+        pool.submit(BACKGROUND, order.append, "write-back 2"),
+        pool.submit(NEEDED, order.append, "parameter read"),
     ]
     gate.set()
     for f in [first, *futs]:
         f.result(timeout=10)
-    assert order == ["needed read", "read-ahead", "write-back 1", "write-back 2"]
+    assert order == ["parameter read", "write-back 1", "read-ahead", "write-back 2"]
     pool.shutdown()
 
 
@@ -96,7 +96,7 @@ def test_io_pool_errors_reach_the_waiter_and_shutdown_drains():
         raise OSError(5, "EIO")
 
     bad = pool.submit(NEEDED, boom)
-    done = [pool.submit(BEHIND, lambda i=i: i) for i in range(20)]
+    done = [pool.submit(BACKGROUND, lambda i=i: i) for i in range(20)]
     pool.shutdown()  # queued requests finish before the workers stop
     assert [f.result(timeout=1) for f in done] == list(range(20))
     assert isinstance(bad.exception(timeout=1), OSError)
