@@ -425,6 +425,12 @@ class ChunkManager:
             out += sum(big[: depth + 1]) + top
         return out
 
+    def _staged_grad_bytes(self) -> int:
+        """Gradient buffers from the staging pool alive at once in backward (as the plan
+        counts gradient buffers: the three largest)."""
+        caps = sorted((c.capacity for c in self.chunks if self._grads_staged(c)), reverse=True)
+        return sum(staged_bytes(n * 4) for n in caps[:3])
+
     def _over_budget(self, need: dict[str, int]) -> dict[str, int]:
         """Tiers whose budget ``need`` (plus the activation reserve on the device) exceeds."""
         checks = {t: n for t, n in need.items() if t != "nvme"}
@@ -706,6 +712,12 @@ class ChunkManager:
             # params, padding) are zeroed at reduction; saves a memset + a read per element
             if c.spare_grad is not None:
                 c.grad_buffer, c.spare_grad = c.spare_grad, None  # already accounted
+            elif self._grads_staged(c):
+                # written to NVMe as it is (no copy into a write buffer), and pooled memory:
+                # no page faults for a fresh chunk-sized buffer every backward
+                assert self.swapper is not None
+                c.grad_buffer = self.swapper.store.empty(c.capacity, self.dtype)
+                self.tiers["device"].account("grad_buffer", nbytes)
             else:
                 c.grad_buffer = torch.empty(c.capacity, dtype=self.dtype, device=self.device)
                 self.tiers["device"].account("grad_buffer", nbytes)
@@ -969,7 +981,7 @@ class ChunkManager:
         if n > 1 and self.dtype != torch.float16:
             g.div_(n)
         if c.param_tier == "nvme":
-            self._write_nvme_grad(c, g)
+            self._write_nvme_grad(c, g, owned=g is buf and self._grads_staged(c))
         elif c.grad_shard is None:
             c.grad_shard = g  # one rank, fp32, same tier: the buffer itself, no copy
             ot.account("grad_shard", c.grad_shard.nbytes)
@@ -977,18 +989,31 @@ class ChunkManager:
             c.grad_shard.add_(g)
         self.tiers["device"].account("grad_buffer", -buf.numel() * buf.element_size())
 
-    def _write_nvme_grad(self, c: Chunk, g: torch.Tensor) -> None:
+    def _grads_staged(self, c: Chunk) -> bool:
+        """Whether ``c``'s gradient buffer comes from the NVMe staging pool: one rank (the
+        buffer is the reduced shard), fp32 (written as it is), compute device = host RAM."""
+        return (
+            c.param_tier == "nvme"
+            and self.swapper is not None
+            and self.world_size == 1
+            and self.dtype == torch.float32
+            and self.device.type == "cpu"
+        )
+
+    def _write_nvme_grad(self, c: Chunk, g: torch.Tensor, owned: bool = False) -> None:
         """Gradient shard of an NVMe chunk: accumulated with what earlier micro-batches wrote,
-        its squared norm kept for clipping, and written out in the background."""
+        its squared norm kept for clipping, and written out in the background (``owned``:
+        ``g`` is a staging buffer nobody else uses, written without a copy)."""
         sw = self.swapper
         assert sw is not None
         if sw.valid(c, "grad"):  # gradient accumulation: read, add, write back
             old = sw.store.empty(c.shard_size, torch.float32)
             sw.read_async(c, "grad", old).result()
-            g = g + old
+            old.add_(g)
+            g, owned = old, True
         c.grad_sq = float(torch.linalg.vector_norm(g)) ** 2  # no chunk-sized temporary
         c.grad_coef = 1.0
-        sw.write_async(c, "grad", g, max_pending=self.config.nvme_prefetch + 2)
+        sw.write_async(c, "grad", g, max_pending=self.config.nvme_prefetch + 2, copy=not owned)
 
     def finish_backward(self) -> None:
         """Reduce everything still pending (unused params, partial chunks), unpin, release.
@@ -1242,7 +1267,7 @@ class ChunkManager:
             # the planned staging peak) for the next step's reads instead of the kernel
             # faulting and zeroing fresh pages in backward
             self.swapper.release_buffers()
-            self.swapper.store.staging.trim(self._staging_bytes())
+            self.swapper.store.staging.trim(self._staging_bytes() + self._staged_grad_bytes())
         for i, (buf, fut) in self.swapper.take_handed().items():
             assert self.fetcher is not None
             self.fetcher.adopt(self.chunks[i], buf, fut)

@@ -118,17 +118,23 @@ class ShardSwapper:
         self.write_async(chunk, key, t)
         self.settle(chunk, key)
 
-    def write_async(self, chunk: Any, key: str, t: torch.Tensor, max_pending: int = 4) -> Future:
-        """Store a copy of ``t`` as ``key`` in the background (at most ``max_pending`` such
-        writes in flight: the caller waits for the oldest beyond that)."""
+    def write_async(
+        self, chunk: Any, key: str, t: torch.Tensor, max_pending: int = 4, copy: bool = True
+    ) -> Future:
+        """Store ``t`` as ``key`` in the background (at most ``max_pending`` such writes in
+        flight: the caller waits for the oldest beyond that). ``copy=False``: ``t`` is a
+        buffer from ``store.empty`` that the caller hands over (written as it is)."""
         while len(self.pending) >= max_pending:
             self.settle(*next(iter(self.pending)))
         self.settle(chunk, key)
         idx = _idx(chunk)
         if key in self._early.get(idx, ({}, {}))[1]:
             self._drop_early(idx)  # read before this write: stale
-        buf = self.store.empty(t.numel(), torch.float32)
-        buf.copy_(t)
+        if copy:
+            buf = self.store.empty(t.numel(), torch.float32)
+            buf.copy_(t)
+        else:
+            buf = t
         fut = self.store.write(self.extents[(idx, key)], buf, priority=BACKGROUND)
         self.pending[(idx, key)] = (fut, buf)
         self.written.add((idx, key))
