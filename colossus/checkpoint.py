@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from colossus.errors import CheckpointError
 
@@ -103,10 +104,13 @@ class CheckpointWriter:
         _fsync_path(p)
 
     def save_module(self, name: str, module: torch.nn.Module) -> None:
-        """A module's state; ``save_model`` keeps one copy of tied weights (GPT-2 lm_head/wte),
-        which plain ``save_file`` refuses."""
+        """A module's state with one copy of tied weights (GPT-2 lm_head/wte), as
+        ``safetensors.torch.save_model`` writes it (same kept names and metadata), but also for
+        parameters that are views of one shared buffer (``Lamb(flat=True)``), which
+        ``save_model`` refuses; see :func:`module_tensors`."""
         p = self.path(name)
-        save_model(module, str(p))
+        tensors, metadata = module_tensors(module)
+        save_file(tensors, str(p), metadata=metadata)
         _fsync_path(p)
 
     def save_json(self, name: str, obj: Any) -> None:
@@ -155,6 +159,88 @@ class CheckpointWriter:
             if self.keep_last:
                 prune_checkpoints(self.root, self.keep_last)
         _barrier()
+
+
+def module_tensors(
+    module: torch.nn.Module,
+) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """``module.state_dict()`` ready for ``save_file``: names of one tied tensor (same storage,
+    offset, shape and strides) are kept once, under the first name in sorted order, the
+    dropped ones recorded in the metadata as ``{dropped: kept}``, exactly as ``save_model``
+    does. Unlike ``save_model`` it does not require a kept tensor to cover its whole storage:
+    the parameters of a flat optimizer (``Lamb(flat=True)``) are disjoint views of one buffer,
+    which ``save_file`` writes in place (no copy). Only tensors that overlap without being the
+    same (a buffer that is a slice of a parameter) are cloned, one by one, since ``save_file``
+    refuses overlapping ones.
+
+    Example::
+
+        >>> import torch
+        >>> buf = torch.arange(8.0)
+        >>> m = torch.nn.Module()
+        >>> m.a, m.b = torch.nn.Parameter(buf[:4].view(2, 2)), torch.nn.Parameter(buf[4:])
+        >>> m.c = m.a  # tied
+        >>> t, meta = module_tensors(m)
+        >>> sorted(t), meta, t["b"].data_ptr() == buf[4:].data_ptr()
+        (['a', 'b'], {'c': 'a'}, True)
+    """
+    sd = module.state_dict(keep_vars=False)
+    by_view: dict[tuple[Any, ...], list[str]] = {}
+    for k, v in sd.items():
+        key = (
+            (v.device, v.dtype, v.data_ptr(), tuple(v.shape), v.stride())
+            if v.numel() and v.device.type != "meta"
+            else (k,)  # empty tensors share no data
+        )
+        by_view.setdefault(key, []).append(k)
+    kept: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for names in by_view.values():
+        keep, *dropped = sorted(names)
+        kept[keep] = sd[keep].contiguous()
+        metadata.update({d: keep for d in dropped})
+    # byte ranges per storage; a tensor overlapping an earlier one gets its own copy
+    spans: dict[tuple[Any, int], list[tuple[int, int, str]]] = {}
+    for k, v in kept.items():
+        if v.numel():
+            start = v.data_ptr()
+            spans.setdefault((v.device, v.untyped_storage().data_ptr()), []).append(
+                (start, start + v.numel() * v.element_size(), k)
+            )
+    for ranges in spans.values():
+        ranges.sort()
+        end = -1
+        for start, stop, k in ranges:
+            if start < end:
+                kept[k] = kept[k].clone()
+            else:
+                end = stop
+    tensors = {k: kept[k] for k in sd if k in kept}  # the module's order
+    return tensors, (metadata or None)
+
+
+def load_module(
+    module: torch.nn.Module, path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[list[str], list[str]]:
+    """Load a file written by :meth:`CheckpointWriter.save_module` into ``module`` in place
+    (``load_state_dict`` copies into the existing parameters, so flat-optimizer views stay
+    views; ``safetensors.torch.load_model`` refuses such a module). Returns ``(missing,
+    unexpected)``; a name the file dropped as tied (its metadata) is not missing when it is tied
+    to the loaded name in ``module`` too (the same tensor), so the load filled it."""
+    tensors = load_tensors(path, device)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            dropped = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"could not read {path}: {e}") from None
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    own = module.state_dict(keep_vars=True)
+
+    def filled(k: str) -> bool:
+        kept = dropped.get(k)
+        return kept in tensors and kept in own and own[kept] is own[k]
+
+    return [k for k in missing if not filled(k)], list(unexpected)
 
 
 # ---- reading --------------------------------------------------------------------------------

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from colossus.checkpoint import (
     CheckpointWriter,
     load_json,
+    load_module,
     load_tensors,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
@@ -146,16 +146,14 @@ class Strategy:
             ckpt.save_json("optimizer.json", meta)
 
     def load(self, path: Path) -> None:
-        missing, unexpected = load_model(
-            self.model, str(path / "model.safetensors"), strict=False, device=str(self.ctx.device)
+        # in place (load_state_dict copies into the parameters): flat optimizer views stay views
+        missing, unexpected = load_module(
+            self.model, path / "model.safetensors", device=self.ctx.device
         )
         if unexpected or missing:
-            # tied weights appear as "missing" for the copy save_model dropped; anything else is real
-            tied = {k for k in missing if k in _tied_keys(self.model)}
-            if unexpected or set(missing) - tied:
-                raise CheckpointError(
-                    f"checkpoint {path} does not fit this model: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
-                )
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
         meta = load_json(path / "optimizer.json")
         tensors = load_tensors(path / "optimizer.safetensors", device=self.ctx.device)
         try:
@@ -174,18 +172,6 @@ def _refuse_meta(model: nn.Module, strategy: str) -> None:
             f"the model's parameters are on the meta device (model.lazy_init), which strategy "
             f"{strategy!r} cannot materialise; use strategy.name=chunk"
         )
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-            tied.add(seen[id(p)])
-        else:
-            seen[id(p)] = name
-    return tied
 
 
 class DDPStrategy(Strategy):

@@ -82,6 +82,7 @@ def build_optimizer(
             max_grad_norm=cfg.max_grad_norm,
             norm_reducer=norm_reducer,
             fused=cfg.fused,
+            flat=cfg.flat,
         )
     return Lars(
         groups,
@@ -96,4 +97,5 @@ def build_optimizer(
         max_grad_norm=cfg.max_grad_norm,
         norm_reducer=norm_reducer,
         fused=cfg.fused,
+        flat=cfg.flat,
     )

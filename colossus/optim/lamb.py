@@ -45,11 +45,12 @@ gradients and moments live in flat buffers of ``[rows, flat_block]`` (:mod:`colo
 group (per-row sums of ``w^2`` and ``u^2`` in the same loop), a segment sum of the row sums into
 per-parameter norms, the same single reducer call, and ONE native ``addcmul_`` per group: the
 same 10 element accesses without the per-tensor compiled calls' fixed costs (``docs/benchmarks.md``,
-``colossus bench optim``, variant ``lamb-flat``). It is not the default because the parameters
-then share one storage, which ``safetensors.torch.save_model`` (used by the trainer's
-checkpoints) refuses ("None is covering the entire storage"); ``save_file`` of the state dicts,
-Hugging Face's ``save_pretrained`` and ``torch.save`` take them (checked). ``zero_grad`` keeps the gradients as zeroed views
-(see :meth:`Lamb.zero_grad`).
+``colossus bench optim``, variant ``lamb-flat``). In the trainer: ``optim.flat: true``. The
+parameters then share one storage, which ``safetensors.torch.save_model`` refuses ("None is
+covering the entire storage"); the trainer's checkpoints use
+:meth:`colossus.checkpoint.CheckpointWriter.save_module`, which takes them. ``zero_grad``
+keeps the gradients as zeroed views (see :meth:`Lamb.zero_grad`), so a parameter that backward
+does not reach is still updated (weight decay), which is why it is not the default.
 
 Example::
 
