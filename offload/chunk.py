@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import enum
+import mmap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -157,6 +158,9 @@ class Chunk:
         # storage; created and accounted by the manager
         self.payload: torch.Tensor | None = None  # full chunk, working dtype, compute device
         self.payload_is_shard = False  # alias: one rank, shard already on the compute device
+        self.payload_map: mmap.mmap | None = (
+            None  # the payload's huge-page mapping (NVMe params on CPU)
+        )
         self.resident = False
         self.shard: torch.Tensor | None = None  # this rank's working-dtype shard
         self.master: torch.Tensor | None = None  # fp32 master shard (may alias ``shard``)

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
+import sys
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
@@ -59,7 +61,7 @@ from .nvme import NvmeStore
 from .pool import PoolMember
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
-from .staging import staged_bytes
+from .staging import huge_mapping, staged_bytes
 from .swap import READ_ONLY, ParamFetcher, ShardSwapper
 from .tiers import (
     AccessOrder,
@@ -778,9 +780,10 @@ class ChunkManager:
     def _begin_gather(self, c: Chunk, async_op: bool) -> None:
         nbytes = c.capacity * self.dtype.itemsize
         if c.payload is None:
-            c.payload = torch.empty(c.capacity, dtype=self.dtype, device=self.device)
-        else:  # same storage as before: views saved by autograd see the new data
+            c.payload = self._new_payload(c)
+        elif c.payload_map is None:  # same storage as before: autograd's views see the new data
             c.payload.untyped_storage().resize_(nbytes)
+        # (a mapped payload keeps its address; its pages come back as the copy below writes)
         staged = None
         if c.param_tier == "nvme":
             staged = self._fetch_nvme_shard(c)
@@ -799,6 +802,18 @@ class ChunkManager:
         self.gathers += 1
         self._gathered_elems += c.capacity
         self._gathering[c.index] = work
+
+    def _new_payload(self, c: Chunk) -> torch.Tensor:
+        """The gathered chunk's storage. An NVMe parameter chunk on CPU is gathered anew at
+        every use, and a fresh allocation each time is faulted in 4 KiB at a time (measured
+        here: ~0.3 s of kernel time per forward for 0.8 GB of gathers at 0.1 B parameters):
+        its payload is an anonymous huge-page mapping whose pages are handed back on release
+        (``MADV_DONTNEED``) and come back, 2 MiB per fault, at the next gather; the address
+        stays, so autograd's saved views stay valid, as with a storage resized to 0 and back."""
+        if c.param_tier == "nvme" and self.device.type == "cpu" and sys.platform == "linux":
+            c.payload_map = huge_mapping(staged_bytes(c.capacity * self.dtype.itemsize))
+            return torch.frombuffer(c.payload_map, dtype=self.dtype, count=c.capacity)
+        return torch.empty(c.capacity, dtype=self.dtype, device=self.device)
 
     def _end_gather(self, c: Chunk) -> None:
         work = self._gathering.pop(c.index)
@@ -890,7 +905,10 @@ class ChunkManager:
         c.unbind(self._placeholder(self.dtype))
         assert c.payload is not None
         # free the memory itself: autograd may hold views of this storage until backward
-        c.payload.untyped_storage().resize_(0)
+        if c.payload_map is not None:
+            c.payload_map.madvise(mmap.MADV_DONTNEED)  # pages to the kernel, address kept
+        else:
+            c.payload.untyped_storage().resize_(0)
         c.resident = False
         self.tiers["device"].account("param_gathered", -c.capacity * self.dtype.itemsize)
 

@@ -64,7 +64,8 @@ def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:
     return raw[off : off + n]
 
 
-def _huge_mapping(nbytes: int) -> mmap.mmap:
+def huge_mapping(nbytes: int) -> mmap.mmap:
+    """An anonymous private mapping of ``nbytes``, advised as transparent huge pages."""
     mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if _MADV_HUGEPAGE is not None:
         with contextlib.suppress(OSError):  # THP disabled ("never"): plain pages, still correct
@@ -104,7 +105,7 @@ class StagingPool:
         with self._lock:
             mm = self._free_slab(size)
             if mm is None:
-                mm = _huge_mapping(size)
+                mm = huge_mapping(size)
                 self._slabs.append(mm)
                 self.bytes += size
                 self.allocated += 1
