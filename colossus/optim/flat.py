@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from offload import trust_fused
+
 
 def flat_eligible(params: Sequence[torch.Tensor]) -> bool:
     """Parameters one flat group can hold: plain fp32 tensors (no tensor subclass such as
@@ -197,6 +199,28 @@ class FlatMixin(torch.optim.Optimizer):
     def _flat_kernel(self) -> bool:
         """Whether the flat kernels compile here."""
         return False
+
+    def _groups_to_step(self) -> list[tuple[dict[str, Any], list[torch.Tensor], Any, list[int]]]:
+        """Per param group with gradients: ``(group, its params with a gradient, its flat
+        group or None, their indices in it)``. A flat group first takes in gradients that are
+        not views of its buffer and binds the state of the params it steps."""
+        out = []
+        fused: bool | None = None
+        for gi, group in enumerate(self.param_groups):
+            fg, idx = None, []
+            if self.flat and group["params"]:
+                if fused is None:
+                    fused = trust_fused.want_fused(self.fused, group["params"][0].device)
+                fg = self._flat_group(gi, group, fused)
+            if fg is not None:
+                idx = fg.adopt_grads()  # foreign gradients copied into the buffer
+                fg.bind_state(self.state, only=idx)
+                ps = [fg.params[j] for j in idx]
+            else:
+                ps = [p for p in group["params"] if p.grad is not None]
+            if ps:
+                out.append((group, ps, fg, idx))
+        return out
 
     def _flat_group(self, gi: int, group: dict[str, Any], fused: bool) -> FlatGroup | None:
         """The flat buffers of group ``gi``, built (or rebuilt, when the parameters left their

@@ -170,23 +170,9 @@ class Lamb(FlatMixin):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = []
-        fused: bool | None = None
-        for gi, group in enumerate(self.param_groups):
-            fg, idx = None, []
-            if self.flat and group["params"]:
-                if fused is None:
-                    fused = trust_fused.want_fused(self.fused, group["params"][0].device)
-                fg = self._flat_group(gi, group, fused)
+        todo = self._groups_to_step()
+        for _, ps, fg, _ in todo:
             if fg is not None:
-                idx = fg.adopt_grads()  # foreign gradients copied into the buffer
-                fg.bind_state(self.state, only=idx)
-                ps = [fg.params[j] for j in idx]
-                if ps:
-                    todo.append((group, ps, fg, idx))
-                continue
-            ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
                 continue
             for p in ps:
                 if p.grad.is_sparse:
@@ -196,7 +182,6 @@ class Lamb(FlatMixin):
                     st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            todo.append((group, ps, None, idx))
         if not todo:
             return loss
         params = [p for _, ps, _, _ in todo for p in ps]
@@ -206,8 +191,7 @@ class Lamb(FlatMixin):
             if self.norm_reducer is not None:
                 self.norm_reducer(gsq, params)
             grad_scale = (gsq.sum().sqrt() / self.max_grad_norm).clamp(min=1.0)
-        if fused is None:
-            fused = trust_fused.want_fused(self.fused, params[0].device)
+        fused = trust_fused.want_fused(self.fused, params[0].device)
         scratch = self.grad_as_workspace
         pass1 = trust_fused.lamb_pass1_into_grad_ if scratch else trust_fused.lamb_pass1_
         n_all = len(params)

@@ -129,27 +129,11 @@ class Lars(FlatMixin):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = []
-        fused: bool | None = None
-        for gi, group in enumerate(self.param_groups):
-            fg, idx = None, []
-            if self.flat and group["params"]:
-                if fused is None:
-                    fused = trust_fused.want_fused(self.fused, group["params"][0].device)
-                fg = self._flat_group(gi, group, fused)
-            if fg is not None:
-                idx = fg.adopt_grads()  # foreign gradients copied into the buffer
-                fg.bind_state(self.state, only=idx)
-                ps = [fg.params[j] for j in idx]
-            else:
-                ps = [p for p in group["params"] if p.grad is not None]
-            if ps:
-                todo.append((group, ps, fg, idx))
+        todo = self._groups_to_step()
         if not todo:
             return loss
         params = [p for _, ps, _, _ in todo for p in ps]
-        if fused is None:
-            fused = trust_fused.want_fused(self.fused, params[0].device)
+        fused = trust_fused.want_fused(self.fused, params[0].device)
         grads = [p.grad for p in params]
         if any(g.is_sparse for g in grads):
             raise RuntimeError("Lars does not support sparse gradients")
