@@ -209,13 +209,11 @@ class ShardSwapper:
             for k in self.keys[c.index]:
                 if k in READ_ONLY:
                     continue
-                pending = self.pending.pop((c.index, k), None)
+                pending = self.pending.get((c.index, k))
                 lent = (c.index, k) in self._lent  # the parameter fetcher reuses that buffer
                 if pending is not None and not lent and pending[1].numel() >= c.shard_size:
-                    futs[k], bufs[k] = pending
+                    futs[k], bufs[k] = self.pending.pop((c.index, k))
                     continue
-                if pending is not None:
-                    self.pending[(c.index, k)] = pending  # read_async waits for it
                 b = self._buf(bufs, k, c.shard_size)[: c.shard_size]
                 if (c.index, k) in self.written:
                     futs[k] = self.read_async(c, k, b, priority=BACKGROUND)
@@ -284,7 +282,6 @@ class ShardSwapper:
         else:
             self.drop_read_ahead()
         hand = set(hand_over) if write_back else set()
-        self._lent &= set(self.pending)
         reads: deque = deque()
         writes: deque = deque()
         t_start = time.perf_counter()
@@ -338,7 +335,6 @@ class ShardSwapper:
                         self.written.add((c.index, k))
                         if k == "master" and c.index in hand:
                             self.handed[c.index] = (bufs.pop(k), fut)
-                            self._lent.add((c.index, k))
                     writes.append((bufs, wf))
                 else:
                     self._sets.append(bufs)
@@ -357,6 +353,8 @@ class ShardSwapper:
                 if defer_writes:  # pending writes hold their buffers; the set is not reused
                     for idx, k, fut, buf in wf:
                         self.pending[(idx, k)] = (fut, buf)
+                        if k == "master" and idx in hand:
+                            self._lent.add((idx, k))
                 else:
                     _wait(wf)
                     self._sets.append(bufs)

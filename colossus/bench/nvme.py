@@ -58,7 +58,7 @@ def probe(directory: str, nbytes: int, threads: int, request: int) -> dict[str, 
     and state writes). GB/s of each; ``mixed_gbps`` counts both directions."""
     import torch
 
-    from offload.nvme import NvmeStore
+    from offload.nvme import NEEDED, NvmeStore
 
     store = NvmeStore(directory, 2 * nbytes, io_threads=threads, request_bytes=request)
     try:
@@ -78,7 +78,7 @@ def probe(directory: str, nbytes: int, threads: int, request: int) -> dict[str, 
         r = buf.nbytes / (time.perf_counter() - t) / 1e9
         t = time.perf_counter()
         # same priority: both directions in flight together, as in a step
-        futs = [store.read(ext, buf, priority=0), store.write(ext2, other, priority=0)]
+        futs = [store.read(ext, buf, NEEDED), store.write(ext2, other, NEEDED)]
         for f in futs:
             f.result()
         os.fsync(store.fd)
