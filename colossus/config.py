@@ -123,16 +123,16 @@ class OptimConfig(_Section):
     lamb / lars: the kernels ``torch.compile`` builds (:mod:`offload.trust_fused`: LAMB in two
     passes over memory instead of 14 element accesses per parameter); None = on CPU when they
     compile (else one warning and the multi-tensor path), true = required, false = never."""
-    flat: bool = False
+    flat: bool | None = None
     """lamb / lars: each param group's parameters, gradients and moments in one flat buffer
     (``Lamb(flat=True)``, :mod:`colossus.optim.flat`): one compiled call per group instead of
     one per tensor, LAMB ~1.44x fused AdamW instead of ~1.75x on CPU (``colossus bench optim``).
     Applies where the fused kernels run (CPU) to groups of plain fp32 tensors (LARS: with
-    ``momentum > 0``); other groups silently take the per-tensor path. Needs ``fused`` not
-    false; refused with ``strategy.name: chunk`` (its own chunk optimizer) and ``strategy.tp >
-    1``. Off by default: gradients stay zeroed views, so a parameter that backward does not
-    reach still gets a (zero-gradient) update, weight decay included, where the per-tensor
-    path skips it."""
+    ``momentum > 0``); other groups silently take the per-tensor path. Same numbers as the
+    per-tensor path (a parameter backward does not reach is skipped on both). None (default) =
+    on for lamb / lars with strategies none / ddp / sp, off with ``strategy.name: chunk`` (its
+    own chunk optimizer) and ``strategy.tp > 1`` (sharded trust ratios) and with ``fused:
+    false``; true = on (an error where it does not apply); false = off."""
     # ---- lamb / lars: which parameters are adapted and decayed
     exclude: list[str] = Field(default_factory=lambda: ["bias", "norm", "ln_"])
     """Regexes of parameter names with no weight decay (and, with exclude_from_adaptation, no
@@ -465,7 +465,7 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _flat_fits_strategy(self) -> TrainingConfig:
-        if not self.optim.flat:
+        if self.optim.flat is not True:  # None: resolved by the strategy (off where n/a)
             return self
         if self.strategy.name == "chunk":
             raise ValueError(

@@ -56,11 +56,14 @@ def build_optimizer(
     """The optimizer ``cfg.name`` names, over ``model``'s trainable parameters.
 
     AdamW keeps the project's ndim >= 2 decay rule and the fused kernel; LAMB / LARS group
-    parameters by ``cfg.exclude`` patterns (:func:`param_groups`)."""
+    parameters by ``cfg.exclude`` patterns (:func:`param_groups`). ``cfg.flat`` None (auto) =
+    flat buffers unless the norms are sharded (``norm_reducer``: tensor parallelism) or the
+    fused kernels are off."""
     if cfg.name == "adamw":
         from colossus.strategy import build_adamw
 
         return build_adamw(model, cfg, device)
+    flat = cfg.flat if cfg.flat is not None else norm_reducer is None and cfg.fused is not False
     groups = param_groups(
         model,
         cfg.weight_decay,
@@ -82,7 +85,7 @@ def build_optimizer(
             max_grad_norm=cfg.max_grad_norm,
             norm_reducer=norm_reducer,
             fused=cfg.fused,
-            flat=cfg.flat,
+            flat=flat,
         )
     return Lars(
         groups,
@@ -97,5 +100,5 @@ def build_optimizer(
         max_grad_norm=cfg.max_grad_norm,
         norm_reducer=norm_reducer,
         fused=cfg.fused,
-        flat=cfg.flat,
+        flat=flat,
     )

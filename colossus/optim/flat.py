@@ -13,6 +13,15 @@ once the gradients are these views, which :meth:`FlatGroup.zero_grad` makes them
 sums of ``w^2`` and ``u^2`` taken in the same loop), the per-parameter norms a segment sum of
 the row sums, and pass 2 one native ``addcmul_`` with a per-row scale.
 
+A parameter that backward does not reach is skipped, as on the per-tensor path where its
+gradient stays None: a post-accumulate-grad hook per parameter marks the ones backward wrote
+since :meth:`FlatGroup.zero_grad` (``set_to_none=True``, torch's default); the others keep their
+moments and weight exactly. With ``set_to_none=False`` every parameter is stepped, a zero
+gradient included (weight decay, moment decay), as in torch's optimizers. A gradient written
+into ``p.grad`` in place without backward (not assigned) is not seen after a
+``set_to_none=True`` zero_grad: assign it (``p.grad = g``) instead; it is then copied into its
+slot.
+
 The padding stays zero: its gradient is never written (backward writes the views, a foreign
 gradient is copied into its slot only), so its moments and update are 0 (``eps > 0``, which the
 optimizer checks) and its weight stays 0.
@@ -27,13 +36,16 @@ Example::
     (torch.Size([4, 2]), [0, 0, 1, 1])
     >>> fg.zero_grad(); a.grad.data_ptr() == fg.g.data_ptr()
     True
+    >>> b.sum().backward(); fg.adopt_grads()  # only b was reached by backward
+    [1]
     >>> fg.current(), a.data_ptr() == fg.w.data_ptr(), float(b.detach().sum())
     (True, True, 8.0)
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -101,7 +113,20 @@ class FlatGroup:
                 if p.grad is not None:
                     gv.copy_(p.grad)
                     p.grad = gv
+        # which parameters backward wrote since zero_grad (hooks; see the module docstring)
+        self.reached = bytearray(p.grad is not None for p in self.params)
+        self.skip_unreached = False  # True after zero_grad(set_to_none=True)
+        hooks = [
+            p.register_post_accumulate_grad_hook(_mark(self.reached, j))
+            for j, p in enumerate(self.params)
+            if p.requires_grad
+        ]
+        self._unhook = weakref.finalize(self, _remove_hooks, hooks)
         self.bind_state(state)
+
+    def close(self) -> None:
+        """Remove the hooks from the parameters (the group is no longer used)."""
+        self._unhook()
 
     def _views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         flat = buf.view(-1)
@@ -118,10 +143,14 @@ class FlatGroup:
     def same_params(self, params: Sequence[torch.Tensor]) -> bool:
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """One memset of the gradient buffer; every ``p.grad`` becomes its (zero) slot view,
-        so the next backward accumulates into the buffer (no ``None`` gradients in flat mode)."""
+        so the next backward accumulates into the buffer (no ``None`` gradients in flat mode).
+        ``set_to_none``: parameters that backward then does not reach count as having no
+        gradient (skipped); False: as a zero gradient."""
         self.g.zero_()
+        self.reached[:] = bytes(len(self.params))
+        self.skip_unreached = set_to_none
         for p, gv in zip(self.params, self.g_views):
             if p.grad is not gv:
                 p.grad = gv
@@ -129,8 +158,9 @@ class FlatGroup:
     def adopt_grads(self) -> list[int]:
         """Indices of the parameters with a gradient; a gradient that is not its slot view
         (backward after ``set_to_none``, or one assigned by hand) is copied into the slot and
-        ``p.grad`` re-pointed there. The slots of parameters without one are zeroed (their
-        rows are skipped: moments untouched, update 0)."""
+        ``p.grad`` re-pointed there. The slots of parameters without one (None, or not reached
+        by backward since ``zero_grad(set_to_none=True)``) are zeroed (their rows are skipped:
+        moments untouched, update 0)."""
         active = []
         for j, (p, gv) in enumerate(zip(self.params, self.g_views)):
             g = p.grad
@@ -142,6 +172,9 @@ class FlatGroup:
             if g is not gv and (g.data_ptr() != gv.data_ptr() or g.shape != gv.shape):
                 gv.copy_(g)
                 p.grad = gv
+            elif self.skip_unreached and not self.reached[j]:
+                gv.zero_()  # a zero view backward did not write: no gradient this step
+                continue
             active.append(j)
         return active
 
@@ -170,6 +203,19 @@ class FlatGroup:
                 elif t.data_ptr() != view.data_ptr():
                     view.copy_(t.reshape(view.shape))
                 st[key] = view
+
+
+def _mark(reached: bytearray, j: int) -> Callable[[torch.Tensor], None]:
+    # the hook holds the flag array only (not the FlatGroup): no reference cycle through it
+    def hook(_: torch.Tensor) -> None:
+        reached[j] = 1
+
+    return hook
+
+
+def _remove_hooks(hooks: list[Any]) -> None:
+    for h in hooks:
+        h.remove()
 
 
 class FlatMixin(torch.optim.Optimizer):
@@ -229,7 +275,9 @@ class FlatMixin(torch.optim.Optimizer):
         fg = self._flat.get(gi)
         if fg is not None and fg.same_params(ps) and fg.current():
             return fg
-        self._flat.pop(gi, None)  # stale: the state keeps its views (copied on a rebuild)
+        stale = self._flat.pop(gi, None)  # the state keeps its views (copied on a rebuild)
+        if stale is not None:
+            stale.close()
         if not (fused and self._flat_wanted(group) and flat_eligible(ps)):
             return None
         if not self._flat_kernel():
@@ -254,14 +302,14 @@ class FlatMixin(torch.optim.Optimizer):
         backward accumulates into the buffer (as DDP's ``gradient_as_bucket_view``); with
         ``None`` gradients the next backward would allocate new ones, which the step then
         copies into the buffer (correct, one copy slower). A parameter that backward does not
-        reach then has a zero gradient rather than None, so it is updated (moments decay,
-        weight decay), as with ``set_to_none=False`` in torch's optimizers."""
+        reach is still skipped after ``set_to_none=True`` (hooks note which ones backward wrote),
+        and stepped with a zero gradient after ``set_to_none=False``, as in torch."""
         live = self._live_flat()
         if not live:
             return super().zero_grad(set_to_none)
         done = set()
         for fg in live:
-            fg.zero_grad()
+            fg.zero_grad(set_to_none)
             done.update(id(p) for p in fg.params)
         for group in self.param_groups:
             for p in group["params"]:

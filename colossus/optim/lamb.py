@@ -39,18 +39,18 @@ between steps, not part of the state dict, starting as a copy of w with weight d
 and weight decay: the decay is a separate pass there). No per-parameter ``.item()`` on
 either path.
 
-Flat path (``flat=True``, opt-in; CPU, with the fused kernels): each param group's parameters,
-gradients and moments live in flat buffers of ``[rows, flat_block]`` (:mod:`colossus.optim.flat`:
-``p.data``, ``p.grad`` and the state's moments are views), so a step is ONE compiled pass 1 per
-group (per-row sums of ``w^2`` and ``u^2`` in the same loop), a segment sum of the row sums into
-per-parameter norms, the same single reducer call, and ONE native ``addcmul_`` per group: the
-same 10 element accesses without the per-tensor compiled calls' fixed costs (``docs/benchmarks.md``,
-``colossus bench optim``, variant ``lamb-flat``). In the trainer: ``optim.flat: true``. The
-parameters then share one storage, which ``safetensors.torch.save_model`` refuses ("None is
+Flat path (``flat=True``; CPU, with the fused kernels; the trainer's default for lamb): each
+param group's parameters, gradients and moments live in flat buffers of ``[rows, flat_block]``
+(:mod:`colossus.optim.flat`: ``p.data``, ``p.grad`` and the state's moments are views), so a
+step is ONE compiled pass 1 per group (per-row sums of ``w^2`` and ``u^2`` in the same loop), a
+segment sum of the row sums into per-parameter norms, the same single reducer call, and ONE
+native ``addcmul_`` per group: the same 10 element accesses without the per-tensor compiled
+calls' fixed costs (``docs/benchmarks.md``, ``colossus bench optim``, variant ``lamb-flat``).
+The parameters then share one storage, which ``safetensors.torch.save_model`` refuses ("None is
 covering the entire storage"); the trainer's checkpoints use
-:meth:`colossus.checkpoint.CheckpointWriter.save_module`, which takes them. ``zero_grad``
-keeps the gradients as zeroed views (see :meth:`Lamb.zero_grad`), so a parameter that backward
-does not reach is still updated (weight decay), which is why it is not the default.
+:meth:`colossus.checkpoint.CheckpointWriter.save_module`, which takes them. That is why the
+class keeps ``flat=False`` as its own default. ``zero_grad`` keeps the gradients as zeroed views
+(see :meth:`Lamb.zero_grad`); parameters that backward does not reach are still skipped.
 
 Example::
 

@@ -1,5 +1,6 @@
 """Run by tests under torchrun / accelerate launch: tiny GPT-2, strategy ddp, global batch 8.
-Writes each rank's losses and final parameters to OUT_DIR/rank{r}.pt."""
+Writes each rank's losses and final parameters to OUT_DIR/rank{r}.pt. An optional third
+argument names the optimizer (default adamw; lamb / lars take their default flat path)."""
 
 import sys
 from pathlib import Path
@@ -12,9 +13,10 @@ from conftest import tiny_gpt2, token_blocks  # noqa: E402
 from colossus import Trainer, TrainingConfig  # noqa: E402
 
 out_dir, world_expected = Path(sys.argv[1]), int(sys.argv[2])
+optim = sys.argv[3] if len(sys.argv) > 3 else "adamw"
 cfg = TrainingConfig(
     name="ddp",
-    optim={"lr": 3e-3},
+    optim={"name": optim, "lr": 3e-3},
     schedule={"name": "cosine", "warmup_steps": 2},
     strategy={"name": "ddp"},
     train={
@@ -37,6 +39,7 @@ torch.save(
         "rank": trainer.ctx.rank,
         "world": trainer.ctx.world_size,
         "losses": [r["loss"] for r in trainer.history],
+        "flat": bool(getattr(trainer.optimizer, "_live_flat", list)()),
         "eval_loss": ev["eval_loss"],
         "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
     },

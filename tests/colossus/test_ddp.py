@@ -24,12 +24,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    run = tmp_path_factory.mktemp("single")
+def _single(run: Path, optim: dict) -> dict:
     cfg = TrainingConfig(
         name="ddp",
-        optim={"lr": 3e-3},
+        optim={"lr": 3e-3} | optim,
         schedule={"name": "cosine", "warmup_steps": 2},
         train={"max_steps": 8, "batch_size": 8, "run_dir": str(run), "seed": 0},
         checkpoint={"save_final": False},
@@ -44,6 +42,11 @@ def single(tmp_path_factory):
         "eval_loss": t.evaluate()["eval_loss"],
         "params": {n: p.detach().clone() for n, p in t.model.named_parameters()},
     }
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _single(tmp_path_factory.mktemp("single"), {})
 
 
 def _check_ranks(out: Path, single, world: int) -> None:
@@ -107,3 +110,30 @@ def test_ddp_accelerate_launch_matches_single_process(tmp_path, single):
     proc = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_ranks(tmp_path, single, 2)
+
+
+def test_ddp_lamb_flat_matches_single_process_per_tensor(tmp_path):
+    """LAMB under DDP takes the flat path by default (optim.flat None): parameters re-pointed
+    into the optimizer's flat buffer after DDP wrapped the model, gradients averaged by DDP into
+    the flat gradient views. Reference: one process, per-tensor LAMB (optim.flat false)."""
+    from offload import trust_fused
+
+    if not trust_fused.flat_available():
+        pytest.skip(f"no compiled kernels here: {trust_fused._KERNELS.error}")
+    single = _single(tmp_path / "single", {"name": "lamb", "flat": False})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(tmp_path),
+        "2",
+        "lamb",
+    ]
+    proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check_ranks(tmp_path, single, 2)
+    for r in range(2):
+        assert torch.load(tmp_path / f"rank{r}.pt")["flat"], f"rank {r} did not run flat"

@@ -27,7 +27,7 @@ def flat_kernels():
         pytest.skip(f"no compiled kernels here: {trust_fused._KERNELS.error}")
 
 
-def cfg(tmp_path, flat=True, name="lamb", **train):
+def cfg(tmp_path, flat=None, name="lamb", **train):
     t = {"max_steps": 5, "batch_size": 8, "run_dir": str(tmp_path / "run"), "seed": 0} | train
     return TrainingConfig(
         name="t",
@@ -102,15 +102,16 @@ def test_save_module_of_ordinary_module_is_save_model_byte_for_byte(tmp_path):
 
 @pytest.mark.parametrize("name", ["lamb", "lars"])
 def test_flat_matches_per_tensor(tmp_path, blocks, name):
-    """Independent reference: the same run on the per-tensor path (only sums' order differs)."""
+    """Independent reference: the same run on the per-tensor path (only sums' order differs);
+    the default (optim.flat None) runs flat."""
     runs = []
-    for flat in (False, True):
+    for flat in (False, None):
         c = cfg(tmp_path / str(flat), flat=flat, name=name)
         if name == "lars":
             c = c.with_overrides(["optim.lr=1.0"])
         t = Trainer(tiny_gpt2(), c, train_dataset=blocks)
         t.train()
-        assert _is_flat(t) == flat
+        assert _is_flat(t) == (flat is None)
         runs.append(t)
     assert losses(runs[1]) == pytest.approx(losses(runs[0]), abs=1e-5)
     for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
@@ -173,7 +174,11 @@ def test_flat_grad_accumulation_equals_big_batch(tmp_path, blocks):
 def test_flat_schema_checks():
     base = {"optim": {"name": "lamb", "flat": True}}
     assert TrainingConfig.from_dict(base).optim.flat
-    assert not TrainingConfig().optim.flat, "documented default: off"
+    assert TrainingConfig().optim.flat is None, "documented default: auto"
+    # auto is accepted where flat does not apply (the strategy builds its own optimizer)
+    for strategy in ({"name": "chunk"}, {"tp": 2}):
+        c = TrainingConfig.from_dict({"optim": {"name": "lamb"}, "strategy": strategy})
+        assert c.optim.flat is None
     with pytest.raises(ConfigError, match="optim.flat applies to lamb / lars only"):
         TrainingConfig.from_dict({"optim": {"name": "adamw", "flat": True}})
     with pytest.raises(ConfigError, match="optim.fused=false"):

@@ -129,8 +129,8 @@ def _run_lamb(
     bucket: bool = False,
     out: list | None = None,
 ):
-    """``bucket``: gradients are accumulated into the existing ``p.grad`` after
-    ``opt.zero_grad()`` (as backward does) instead of assigned; ``out`` receives the optimizer."""
+    """``bucket``: gradients are accumulated into the existing ``p.grad`` by backward after
+    ``opt.zero_grad()`` instead of assigned; ``out`` receives the optimizer."""
     o = {"lr": 0.02, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.05, "fused": fused}
     o["grad_as_workspace"] = grad_as_workspace
     o.update(opts)
@@ -144,8 +144,9 @@ def _run_lamb(
         g = _grads(params, targets, noise, t)
         grads.append(g)
         for n, p in params.items():
-            if bucket and p.grad is not None:
-                p.grad.add_(g[n])
+            if bucket and p.grad is not None:  # a backward accumulating g into p.grad
+                with torch.enable_grad():
+                    (p * g[n]).sum().backward()
             else:
                 p.grad = g[n].clone()
         opt.step()
@@ -439,6 +440,77 @@ def test_lamb_flat_zero_grad_keeps_backward_in_the_bucket(flat_kernel):
         assert _err(a, b.detach().double()) <= TOL
 
 
+class _TwoHeads(torch.nn.Module):
+    """A trunk and two heads; ``forward(x, head)`` uses one head only, so backward does not
+    reach the other's parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(6, 5)
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(5, 2) for _ in range(2))
+
+    def forward(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        return self.heads[head](torch.tanh(self.trunk(x)))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["none", "zeros"])
+@pytest.mark.parametrize("cls", [Lamb, Lars])
+def test_flat_unreached_params_as_per_tensor(cls, set_to_none, flat_kernel):
+    """A real backward that reaches one head only: after ``zero_grad(set_to_none=True)`` the
+    flat path skips the other head (weights, moments and LAMB's step count exactly kept), as
+    the per-tensor path does with its None gradients; after ``set_to_none=False`` both step
+    it with a zero gradient (weight decay moves it). Same weights and state within 1e-6."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    kw = {"lr": 0.02} if cls is Lamb else {"lr": 0.1, "momentum": 0.9, "trust_coefficient": 0.2}
+    runs = []
+    for opts in (FLAT, {"fused": False}):
+        torch.manual_seed(1)
+        model = _TwoHeads()
+        opt = cls(param_groups(model, 0.05, exclude_1d=False), weight_decay=0.05, **kw, **opts)
+        for t in range(6):
+            head = 0 if t in (0, 2, 3, 4) else 1  # head 1: steps 1 and 5
+            if t == 3 and opts is FLAT:
+                kept = model.heads[1].weight.detach().clone()
+            torch.nn.functional.mse_loss(model(x, head), y).backward()
+            opt.step()
+            if t == 3 and opts is FLAT:
+                moved = not torch.equal(model.heads[1].weight, kept)
+                assert moved != set_to_none, "head 1 (unreached) stepped iff set_to_none=False"
+            opt.zero_grad(set_to_none=set_to_none)
+        if opts is FLAT:
+            assert opt._flat, "the flat path should have run"
+        runs.append((model, opt))
+    (fm, fo), (rm, ro) = runs
+    for (n, a), b in zip(fm.named_parameters(), rm.parameters()):
+        assert _err(a, b.detach().double()) <= TOL, n
+        for key in fo._flat_keys:
+            assert _err(fo.state[a][key], ro.state[b][key].double()) <= TOL, (n, key)
+        if cls is Lamb:
+            assert fo.state[a]["step"].item() == ro.state[b]["step"].item(), n
+    if cls is Lamb:
+        assert fo.state[fm.heads[1].weight]["step"].item() == (
+            2 if set_to_none else 5
+        )  # step 0: None in both modes
+
+
+def test_flat_rebuild_removes_the_old_hooks(flat_kernel):
+    """A rebuilt flat group (``p.data`` moved) drops the old group's hooks: one hook per
+    parameter stays registered."""
+    model = torch.nn.Linear(4, 3)
+    opt = Lamb(model.parameters(), lr=1e-2, **FLAT)
+    for t in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if t == 0:
+            with torch.no_grad():
+                model.weight.data = model.weight.data.clone()
+    assert len(opt._flat) == 1
+    for p in model.parameters():
+        assert len(p._post_accumulate_grad_hooks) == 1
+
+
 def test_lamb_flat_needs_grad_workspace():
     with pytest.raises(ValueError, match="grad_as_workspace"):
         Lamb([torch.nn.Parameter(torch.ones(2))], flat=True, grad_as_workspace=False)
@@ -512,8 +584,9 @@ def _run_lars(opts: dict, fused: bool | None = False, bucket: bool = False, out=
         g = _grads(params, targets, noise, t)
         grads.append(g)
         for n, p in params.items():
-            if bucket and p.grad is not None:
-                p.grad.add_(g[n])
+            if bucket and p.grad is not None:  # a backward accumulating g into p.grad
+                with torch.enable_grad():
+                    (p * g[n]).sum().backward()
             else:
                 p.grad = g[n].clone()
         for group in opt.param_groups:
