@@ -67,7 +67,15 @@ def add_parser(bsub, fmt) -> None:
     p.add_argument(
         "--variants",
         nargs="+",
-        default=["adamw-fused", "lamb-fused", "lamb-foreach", "lars-fused", "lars-foreach"],
+        default=[  # lamb-flat / lars-flat: the trainer's default path for lamb / lars
+            "adamw-fused",
+            "lamb-flat",
+            "lamb-fused",
+            "lamb-foreach",
+            "lars-flat",
+            "lars-fused",
+            "lars-foreach",
+        ],
         choices=list(VARIANTS),
         help="optimizers to time",
     )
