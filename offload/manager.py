@@ -61,7 +61,7 @@ from .nvme import NvmeStore
 from .pool import PoolMember
 from .precision import DynamicLossScaler
 from .search import default_candidates, pack, search_chunk_size
-from .staging import huge_mapping, staged_bytes
+from .staging import StagingPool, huge_mapping, staged_bytes
 from .swap import READ_ONLY, ParamFetcher, ShardSwapper
 from .tiers import (
     AccessOrder,
@@ -783,7 +783,8 @@ class ChunkManager:
             c.payload = self._new_payload(c)
         elif c.payload_map is None:  # same storage as before: autograd's views see the new data
             c.payload.untyped_storage().resize_(nbytes)
-        # (a mapped payload keeps its address; its pages come back as the copy below writes)
+        if c.payload_map is not None:  # keeps its address; takes back parked pages (no faults)
+            self._staging_pool().unpark(c.payload_map)
         staged = None
         if c.param_tier == "nvme":
             staged = self._fetch_nvme_shard(c)
@@ -803,13 +804,18 @@ class ChunkManager:
         self._gathered_elems += c.capacity
         self._gathering[c.index] = work
 
+    def _staging_pool(self) -> StagingPool:
+        assert self.swapper is not None
+        return self.swapper.store.staging
+
     def _new_payload(self, c: Chunk) -> torch.Tensor:
         """The gathered chunk's storage. An NVMe parameter chunk on CPU is gathered anew at
         every use, and a fresh allocation each time is faulted in 4 KiB at a time (measured
         here: ~0.3 s of kernel time per forward for 0.8 GB of gathers at 0.1 B parameters):
-        its payload is an anonymous huge-page mapping whose pages are handed back on release
-        (``MADV_DONTNEED``) and come back, 2 MiB per fault, at the next gather; the address
-        stays, so autograd's saved views stay valid, as with a storage resized to 0 and back."""
+        its payload is an anonymous huge-page mapping whose pages are parked in the staging
+        pool on release (:meth:`offload.staging.StagingPool.park`: moved, not freed) and moved
+        back at the next gather; the address stays, so autograd's saved views stay valid, as
+        with a storage resized to 0 and back."""
         if c.param_tier == "nvme" and self.device.type == "cpu" and sys.platform == "linux":
             c.payload_map = huge_mapping(staged_bytes(c.capacity * self.dtype.itemsize))
             return torch.frombuffer(c.payload_map, dtype=self.dtype, count=c.capacity)
@@ -905,8 +911,9 @@ class ChunkManager:
         c.unbind(self._placeholder(self.dtype))
         assert c.payload is not None
         # free the memory itself: autograd may hold views of this storage until backward
-        if c.payload_map is not None:
-            c.payload_map.madvise(mmap.MADV_DONTNEED)  # pages to the kernel, address kept
+        if c.payload_map is not None:  # address kept; the pages parked for the next gather
+            if not self._staging_pool().park(c.payload_map):
+                c.payload_map.madvise(mmap.MADV_DONTNEED)  # to the kernel, faulted in again
         else:
             c.payload.untyped_storage().resize_(0)
         c.resident = False
@@ -1319,15 +1326,22 @@ class ChunkManager:
         return sorted(chunks, key=lambda c: -first.get(c.index, never))
 
     def _hand_over(self, chunks: list[Chunk]) -> list[int]:
-        """The NVMe parameter chunks of this pass the next forward reads first (up to the
-        fetcher's depth): their updated masters go to the fetcher instead of back to disk and
-        in again."""
+        """The NVMe parameter chunks of this pass the next forward reads first, as many as
+        ``depth`` full-size shards hold (a small chunk, such as the no-decay one, takes less
+        than a slot): their updated masters go to the fetcher instead of back to disk and in
+        again."""
         if self.fetcher is None or not self.order.frozen or self.fetcher.depth <= 0:
             return []
         first = self._first_use()
         mine = [c for c in chunks if c.param_tier == "nvme" and c.index in first]
         mine.sort(key=lambda c: first[c.index])
-        return [c.index for c in mine[: self.fetcher.depth]]
+        room, out = self.fetcher.depth * max(c.shard_size for c in self.chunks), []
+        for c in mine:
+            if c.shard_size > room:
+                break
+            room -= c.shard_size
+            out.append(c.index)
+        return out
 
     def _optim_read_ahead(self) -> None:
         """Backward needs no more parameter reads: start reading the optimizer state of the

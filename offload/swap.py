@@ -374,7 +374,10 @@ class ParamFetcher:
     """Parameter shards that live on NVMe, read ahead of their use into a small pool of aligned
     host buffers (``depth + 1``). ``prefetch(c)`` starts a read; ``take(c)`` returns the shard
     (waiting for its read, or reading now); ``give(buf)`` returns the buffer to the pool.
-    A mispredicted prefetch costs one read: when the pool is empty the oldest is dropped."""
+    A mispredicted prefetch costs one read: when the pool is empty the oldest is dropped.
+    ``adopt(c, buf, write)``: an updated master the optimizer pass handed over, taken by the
+    next ``take(c)`` at once while its write-back runs on; that buffer is refilled only once
+    the write is done (a read meanwhile gets one more buffer: ``depth + 2`` at most)."""
 
     def __init__(self, swapper: ShardSwapper, depth: int, key: str = "master") -> None:
         self.sw = swapper
@@ -383,23 +386,46 @@ class ParamFetcher:
         self._free: list[torch.Tensor] = []
         self._all: list[torch.Tensor] = []
         self.inflight: dict[int, tuple[torch.Tensor, Future]] = {}
+        # adopted buffers (chunk index): their future is the shard's write-back, not a read, so
+        # take() need not wait for it; the buffer is not reused until it is done (_writing)
+        self._adopted: set[int] = set()
+        self._writing: list[tuple[torch.Tensor, Future]] = []
         self.hits = 0
         self.misses = 0
         self.dropped = 0
 
+    def _settle_writes(self, buf: torch.Tensor | None = None) -> None:
+        """Wait for the write-back that still reads ``buf`` (every one: None)."""
+        keep = []
+        for b, fut in self._writing:
+            if buf is None or b is buf:
+                fut.result()
+            else:
+                keep.append((b, fut))
+        self._writing = keep
+
     def _buffer(self, n: int) -> torch.Tensor:
         fits = [b for b in self._free if b.numel() >= n]
+        writing = {id(b) for b, f in self._writing if not f.done()}
+        if fits and all(id(b) in writing for b in fits) and len(self._all) < self.depth + 2:
+            # the free buffers still feed a write-back (a handed-over master): one more buffer
+            # instead of holding this read until that write is done
+            return self._new(n)
         if fits:
             buf = min(fits, key=lambda b: b.numel())
             self._free = [b for b in self._free if b is not buf]  # identity, not tensor ==
+            self._settle_writes(buf)
             return buf
         if len(self._all) < self.depth + 1:
             return self._new(n)
         if self._free:  # all buffers exist but the free ones are too small: grow one
-            self._replace(self._free.pop(), n)
+            old = self._free.pop()
+            self._settle_writes(old)
+            self._replace(old, n)
             return self._all[-1]
         idx = next(iter(self.inflight))  # oldest prefetch: let it land and reuse its buffer
         buf, fut = self.inflight.pop(idx)
+        self._adopted.discard(idx)
         fut.result()
         self.dropped += 1
         if buf.numel() < n:
@@ -430,6 +456,10 @@ class ParamFetcher:
         else:
             self.hits += 1
             buf, fut = entry
+            if c.index in self._adopted:  # holds the shard already; its write-back goes on
+                self._adopted.discard(c.index)
+                self._writing.append((buf, fut))
+                return buf
         t0 = time.perf_counter()
         fut.result()
         self.sw.io_wait_s += time.perf_counter() - t0
@@ -438,11 +468,13 @@ class ParamFetcher:
     def adopt(self, c: Any, buf: torch.Tensor, fut: Future) -> None:
         """Take ``buf`` (holding ``c``'s current shard; ``fut`` its write-back) as if it had
         been prefetched: the next ``take(c)`` uses it without a read."""
-        if c.index in self.inflight or len(self._all) > self.depth:
+        held = sum(b.numel() for b in self._all)
+        if c.index in self.inflight or held + buf.numel() > (self.depth + 1) * self.sw.max_shard:
             fut.result()  # no room in the pool: the shard is read back when needed
             return
         self._all.append(buf)
         self.inflight[c.index] = (buf, fut)
+        self._adopted.add(c.index)
 
     def give(self, buf: torch.Tensor) -> None:
         self._free.append(buf)
@@ -451,6 +483,7 @@ class ParamFetcher:
         """``c`` turned out not to need its read (it was still resident): reclaim the buffer."""
         entry = self.inflight.pop(c.index, None)
         if entry is not None:
+            self._adopted.discard(c.index)
             entry[1].result()
             self._free.append(entry[0])
             self.dropped += 1
@@ -461,6 +494,8 @@ class ParamFetcher:
             fut.result()
             self._free.append(buf)
         self.inflight.clear()
+        self._adopted.clear()
+        self._settle_writes()
 
     def release_buffers(self) -> None:
         """Drain, then free every buffer (the optimizer pass needs the memory)."""

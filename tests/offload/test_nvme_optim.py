@@ -200,6 +200,15 @@ def test_step_io_overlaps_backward_and_next_forward(tmp_path, reference):
         if step >= 1:
             handed = mgr._hand_over(trained)
             assert handed and set(mgr.fetcher.inflight) == set(handed), step
+            # as many as `depth` full shards hold, in the next forward's order: a small
+            # chunk does not take a whole slot
+            first = mgr._first_use()
+            mine = sorted((c for c in trained if c.index in first), key=lambda c: first[c.index])
+            room = depth * max(c.shard_size for c in mgr.chunks)
+            sizes = [c.shard_size for c in mine]
+            k = len(handed)
+            assert handed == [c.index for c in mine[:k]] and sum(sizes[:k]) <= room
+            assert k == len(mine) or sum(sizes[: k + 1]) > room
             assert any(k == "master" for _, k in sw.pending)  # write-backs left running
         opt.zero_grad()
         losses.append(float(loss.detach()))

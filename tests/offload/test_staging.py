@@ -1,16 +1,20 @@
 """Host staging for NVMe transfers: buffers are reused only once nothing references them,
 stay page-aligned for O_DIRECT, and the I/O pool serves reads compute waits for before queued
-write-backs."""
+write-backs; parked pages move between mappings without copies or faults; the parameter
+fetcher uses a handed-over master at once."""
 
 from __future__ import annotations
 
 import gc
+import resource
 import threading
 
+import pytest
 import torch
 
+from offload import staging
 from offload.nvme import ALIGN, BACKGROUND, NEEDED, NvmeStore, _IoPool
-from offload.staging import HUGE_PAGE, StagingPool, staged_bytes
+from offload.staging import HUGE_PAGE, StagingPool, huge_mapping, staged_bytes
 
 
 def test_memory_is_reused_only_when_nothing_references_it():
@@ -100,3 +104,110 @@ def test_io_pool_errors_reach_the_waiter_and_shutdown_drains():
     pool.shutdown()  # queued requests finish before the workers stop
     assert [f.result(timeout=1) for f in done] == list(range(20))
     assert isinstance(bad.exception(timeout=1), OSError)
+
+
+# ------------------------------------------------------------------------------ parking
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def test_park_moves_pages_out_and_unpark_brings_them_back_without_faults():
+    """A parked mapping keeps its address and reads zeros; its pages (old contents included)
+    go to the next mapping of that size that is unparked, whose writes then fault nothing,
+    where a fresh mapping faults every page (or huge page) in."""
+    n = 64 << 20
+    pool = StagingPool()
+    mm = huge_mapping(n)
+    t = torch.frombuffer(mm, dtype=torch.float32)
+    ref = torch.arange(t.numel(), dtype=torch.float32)
+    t.copy_(ref)
+    ptr = t.data_ptr()
+    if not pool.park(mm):
+        pytest.skip("this kernel cannot move pages (MREMAP_DONTUNMAP, Linux >= 5.7)")
+    assert t.data_ptr() == ptr and not t.any(), "parked: same address, empty"
+    assert pool.parked_bytes == pool.bytes == n
+    other = huge_mapping(n)
+    o = torch.frombuffer(other, dtype=torch.float32)
+    assert pool.unpark(other) and torch.equal(o, ref), "the pages moved, contents and all"
+    assert pool.parked_bytes == pool.bytes == 0
+    assert not pool.unpark(mm), "nothing parked"
+
+    fresh = torch.frombuffer(huge_mapping(n), dtype=torch.float32)
+    f0 = _faults()
+    fresh.fill_(1.0)
+    fresh_faults = _faults() - f0
+    assert pool.park(other) and pool.unpark(mm)
+    f0 = _faults()
+    t.fill_(2.0)
+    moved_faults = _faults() - f0
+    assert fresh_faults >= n // HUGE_PAGE and moved_faults < 8, (fresh_faults, moved_faults)
+    assert float(t.sum()) == 2.0 * t.numel()
+
+
+def test_trim_gives_back_parked_pages():
+    pool = StagingPool()
+    mm = huge_mapping(4 << 20)
+    mm.write(b"x" * len(mm))
+    if not pool.park(mm):
+        pytest.skip("this kernel cannot move pages")
+    assert pool.trim(keep_bytes=0) == 4 << 20
+    assert pool.bytes == pool.parked_bytes == 0 and not pool.unpark(mm)
+
+
+def test_park_reports_false_where_pages_cannot_move(monkeypatch):
+    """Without mremap (another OS, an old kernel): park / unpark change nothing and say so;
+    the manager then releases the pages with MADV_DONTNEED as before."""
+    monkeypatch.setattr(staging, "_mremap", False)
+    pool = StagingPool()
+    mm = huge_mapping(2 << 20)
+    mm.write(b"y" * len(mm))
+    assert not pool.park(mm) and not pool.unpark(mm)
+    assert mm[:1] == b"y" and pool.bytes == 0
+
+
+# ------------------------------------------------------------------------------ fetcher
+class _Shard:
+    """The attributes of a Chunk that ShardSwapper / ParamFetcher use."""
+
+    def __init__(self, i: int, n: int) -> None:
+        self.index, self.shard_size, self.optim_state, self.master = i, n, {}, None
+
+
+def test_adopted_buffer_is_taken_without_waiting_and_not_reused_while_written(tmp_path):
+    """A master handed over by the update pass is used by the next forward at once, its
+    write-back still running; its buffer is not refilled until that write is done (a read in
+    between gets another buffer)."""
+    from concurrent.futures import Future
+
+    from offload.swap import ParamFetcher, ShardSwapper
+
+    n = 1 << 20
+    store = NvmeStore(tmp_path, capacity=64 << 20)
+    sw = ShardSwapper(store, max_shard=n, depth=1)
+    a, b = _Shard(0, n), _Shard(1, n)
+    for c in (a, b):
+        sw.register(c, ["master"])
+    sw.write_now(b, "master", torch.full((n,), 5.0))
+    fetcher = ParamFetcher(sw, depth=1)
+    handed = store.empty(n, torch.float32).fill_(3.0)
+    write_back = Future()  # not done: the write of `handed` is in flight
+    fetcher.adopt(a, handed, write_back)
+    took: list = []
+    th = threading.Thread(target=lambda: took.append(fetcher.take(a)), daemon=True)
+    th.start()
+    th.join(10)
+    if not took:
+        write_back.set_result(None)  # unblock the thread before failing
+        pytest.fail("take() waited for the handed-over buffer's write-back")
+    got = took[0]
+    assert got is handed and float(got[0]) == 3.0 and fetcher.hits == 1
+    fetcher.give(got)
+    fetcher.prefetch(b)
+    buf_b = fetcher.inflight[b.index][0]
+    assert buf_b is not handed, "the buffer under a running write was handed out again"
+    assert float(fetcher.take(b)[0]) == 5.0 and float(handed[0]) == 3.0
+    write_back.set_result(None)
+    fetcher.drain()
+    assert not fetcher._writing
+    sw.close()
+    store.close()
