@@ -154,9 +154,35 @@ class ShardSwapper:
             self.settle(idx, key)
 
     def read_async(self, chunk: Any, key: str, out: torch.Tensor, priority: int = NEEDED) -> Future:
-        """Read ``key`` into ``out`` (an aligned buffer from ``store.empty``)."""
-        self.settle(chunk, key)
-        return self.store.read(self.extents[(_idx(chunk), key)], out, priority)
+        """Read ``key`` into ``out`` (an aligned buffer from ``store.empty``). Behind a write
+        of the same key still in flight, the read is issued when that write is done (its
+        error, if any, is the read's): the caller does not wait here (a prefetch in forward
+        would otherwise hold compute until a queued write-back finished)."""
+        ext = self.extents[(_idx(chunk), key)]
+        entry = self.pending.get((_idx(chunk), key))
+        if entry is None or entry[0].done():
+            self.settle(chunk, key)
+            return self.store.read(ext, out, priority)
+        result: Future = Future()
+
+        def relay(f: Future) -> None:
+            exc = f.exception()
+            if exc is None:
+                result.set_result(None)
+            else:
+                result.set_exception(exc)
+
+        def after_write(w: Future) -> None:
+            if w.exception() is not None:
+                relay(w)
+                return
+            try:
+                self.store.read(ext, out, priority).add_done_callback(relay)
+            except BaseException as e:  # noqa: BLE001  (the store closed meanwhile)
+                result.set_exception(e)
+
+        entry[0].add_done_callback(after_write)
+        return result
 
     def invalidate(self, chunk: Any, key: str) -> None:
         """Forget ``key``'s content: the next pass zero-fills instead of reading it."""

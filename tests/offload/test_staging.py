@@ -211,3 +211,43 @@ def test_adopted_buffer_is_taken_without_waiting_and_not_reused_while_written(tm
     assert not fetcher._writing
     sw.close()
     store.close()
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["ok", "write-error"])
+def test_read_behind_a_running_write_does_not_block_the_caller(tmp_path, monkeypatch, fails):
+    """A read of a key whose write-back is still in flight returns at once and is issued when
+    the write is done: it then sees the written data, or the write's error."""
+    import errno
+    import time
+
+    from offload.swap import ShardSwapper
+
+    n = 1 << 18
+    store = NvmeStore(tmp_path, capacity=16 << 20)
+    sw = ShardSwapper(store, max_shard=n, depth=1)
+    c = _Shard(0, n)
+    sw.register(c, ["master"])
+    gate, plain = threading.Event(), store._pwrite
+
+    def held_write(mv, off):
+        gate.wait(10)
+        if fails:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return plain(mv, off)
+
+    monkeypatch.setattr(store, "_pwrite", held_write)
+    sw.write_async(c, "master", torch.full((n,), 7.0))
+    out = store.empty(n, torch.float32).zero_()
+    t0 = time.perf_counter()
+    fut = sw.read_async(c, "master", out)
+    assert time.perf_counter() - t0 < 2.0 and not fut.done(), "the read waited for the write"
+    gate.set()
+    if fails:
+        with pytest.raises(OSError, match="No space"):
+            fut.result(timeout=10)
+    else:
+        fut.result(timeout=10)
+        assert bool((out == 7.0).all())
+        sw.settle(c, "master")
+    sw.close()
+    store.close()
