@@ -10,6 +10,8 @@
    the bytes moved at the probe's bandwidth (:func:`io_bound_s`: the faster of serial reads +
    writes and the mixed rate); the step time is compared with
    max(compute, I/O) (goal <= 1.15x: I/O and compute overlap).
+4. Context: a matmul loop timed alone and while the disk writes / reads (:func:`compute_under_io`):
+   how much the I/O itself slows compute on this machine, which the bound does not count.
 
 Each training run is its own process (clean peak RSS, no page cache or allocator carry-over).
 """
@@ -86,6 +88,52 @@ def probe(directory: str, nbytes: int, threads: int, request: int) -> dict[str, 
         return {"write_gbps": w, "read_gbps": r, "mixed_gbps": m, "direct": store.direct}
     finally:
         store.close()
+
+
+def compute_under_io(directory: str, nbytes: int, threads: int, request: int) -> dict[str, float]:
+    """How much slower compute runs while the disk works: the time of a fixed fp32 matmul loop
+    (2 threads, as training) alone and while ``nbytes`` are written (then read) over and over
+    with ``threads`` requests in flight. On a VM the host's disk emulation and DMA share the
+    machine: the training bound max(compute, I/O) assumes they cost compute nothing."""
+    import threading
+
+    import torch
+
+    from offload.nvme import NvmeStore
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+
+    def matmuls() -> float:
+        t = time.perf_counter()
+        for _ in range(40):
+            a @ b
+        return time.perf_counter() - t
+
+    matmuls()
+    alone = min(matmuls() for _ in range(3))
+    store = NvmeStore(directory, nbytes, io_threads=threads, request_bytes=request)
+    out = {"compute_alone_s": alone}
+    try:
+        buf = store.empty(nbytes // 4, torch.float32)
+        buf.fill_(1.0)
+        ext = store.alloc(buf.nbytes)
+        store.write(ext, buf).result()
+        for kind, op in (("writing", store.write), ("reading", store.read)):
+            stop = threading.Event()
+
+            def stream(op=op, stop=stop) -> None:
+                while not stop.is_set():
+                    op(ext, buf).result()
+
+            th = threading.Thread(target=stream, daemon=True)
+            th.start()
+            time.sleep(0.2)  # requests in flight before timing
+            out[f"compute_x_{kind}"] = min(matmuls() for _ in range(3)) / alone
+            stop.set()
+            th.join()
+    finally:
+        store.close()
+    return out
 
 
 def io_bound_s(read_gb: float, written_gb: float, probe: dict[str, float]) -> float:
@@ -198,6 +246,8 @@ def run(ns: argparse.Namespace) -> int:
     req = ns.request_mib << 20
     print(f"[bench nvme] probing {d} ...", file=sys.stderr, flush=True)
     one = probe(str(d), nbytes, 1, req)
+    print("[bench nvme] compute while the disk works ...", file=sys.stderr, flush=True)
+    contention = compute_under_io(str(d), min(nbytes, 1 << 30), ns.inflight, req)
     # a shared (virtual) disk's bandwidth drifts with its host: probe before, between and
     # after the training runs, and bound by the median of the three
     many_runs = [probe(str(d), nbytes, ns.inflight, req)]
@@ -237,6 +287,11 @@ def run(ns: argparse.Namespace) -> int:
             "read_gbps": many["read_gbps"],
             "write_gbps": many["write_gbps"],
             "mixed_gbps": many["mixed_gbps"],
+        },
+        {
+            "name": "matmul time while the disk writes / reads (x alone; context, not bound)",
+            "compute_x_writing": contention["compute_x_writing"],
+            "compute_x_reading": contention["compute_x_reading"],
         },
     ]
     for r in steps:

@@ -18,6 +18,8 @@ def test_bench_nvme_small(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     probes = [r for r in rows if r["name"].startswith("probe")]
     steps = [r for r in rows if r["name"].startswith("training")]
+    (ctx,) = [r for r in rows if r["name"].startswith("matmul time while")]
+    assert ctx["compute_x_writing"] > 0 and ctx["compute_x_reading"] > 0
     assert len(probes) == 5 and len(steps) == 1  # 1 in flight; many: 3 times + median
     for r in probes:
         assert r["read_gbps"] > 0 and r["write_gbps"] > 0 and r["mixed_gbps"] > 0
