@@ -160,6 +160,27 @@ def test_params_on_nvme_match_pytorch(tmp_path, reference, case):
     mgr.swapper.close()
 
 
+@pytest.mark.parametrize("movable", [True, False], ids=["parked", "dontneed"])
+def test_released_nvme_payload_pages_parked_or_released(tmp_path, reference, monkeypatch, movable):
+    """A released NVMe parameter chunk parks its pages in the staging pool (reused by the
+    next gather) or, where pages cannot move (another OS, an old kernel), gives them to the
+    kernel: same training either way."""
+    from offload import staging
+
+    if not movable:
+        monkeypatch.setattr(staging, "_mremap", False)
+    ref_losses, ref_params = reference
+    res = chunk_run(ChunkConfig(**nvme_cfg(tmp_path, nvme_param_frac=1.0)))
+    assert max(abs(a - b) for a, b in zip(ref_losses, res["losses"])) <= 1e-5
+    assert_params_close(ref_params, res["params"])
+    pool = res["mgr"].swapper.store.staging
+    if movable and staging.move_pages(staging.huge_mapping(4096), staging.huge_mapping(4096)):
+        assert pool.parked_bytes > 0, "released payloads should have parked their pages"
+    if not movable:
+        assert pool.parked_bytes == 0
+    res["mgr"].swapper.close()
+
+
 def test_params_on_nvme_with_gradient_checkpointing(tmp_path, reference):
     """Recomputation in backward fetches the NVMe shards a third time; same training."""
     ref_losses, ref_params = reference
