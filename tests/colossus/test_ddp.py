@@ -75,18 +75,16 @@ def _env():
     return env
 
 
+def _torchrun_worker(out: Path, *worker_args: str) -> None:
+    """The worker under torchrun with 2 processes, writing into ``out``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(WORKER), str(out), "2", *worker_args]
+    proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_ddp_torchrun_matches_single_process(tmp_path, single):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(WORKER),
-        str(tmp_path),
-        "2",
-    ]
-    subprocess.run(cmd, check=True, env=_env(), timeout=300, capture_output=True)
+    _torchrun_worker(tmp_path)
     _check_ranks(tmp_path, single, 2)
 
 
@@ -121,19 +119,7 @@ def test_ddp_lamb_flat_matches_single_process_per_tensor(tmp_path):
     if not trust_fused.flat_available():
         pytest.skip(f"no compiled kernels here: {trust_fused._KERNELS.error}")
     single = _single(tmp_path / "single", {"name": "lamb", "flat": False})
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(WORKER),
-        str(tmp_path),
-        "2",
-        "lamb",
-    ]
-    proc = subprocess.run(cmd, env=_env(), timeout=300, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_worker(tmp_path, "lamb")
     _check_ranks(tmp_path, single, 2)
     for r in range(2):
         assert torch.load(tmp_path / f"rank{r}.pt")["flat"], f"rank {r} did not run flat"
