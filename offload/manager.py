@@ -784,7 +784,8 @@ class ChunkManager:
         elif c.payload_map is None:  # same storage as before: autograd's views see the new data
             c.payload.untyped_storage().resize_(nbytes)
         if c.payload_map is not None:  # keeps its address; takes back parked pages (no faults)
-            self._staging_pool().unpark(c.payload_map)
+            if self._staging_pool().unpark(c.payload_map):
+                self._account_staging()  # the pages left the pool (counted as gathered below)
         staged = None
         if c.param_tier == "nvme":
             staged = self._fetch_nvme_shard(c)
@@ -911,13 +912,15 @@ class ChunkManager:
         c.unbind(self._placeholder(self.dtype))
         assert c.payload is not None
         # free the memory itself: autograd may hold views of this storage until backward
+        self.tiers["device"].account("param_gathered", -c.capacity * self.dtype.itemsize)
         if c.payload_map is not None:  # address kept; the pages parked for the next gather
-            if not self._staging_pool().park(c.payload_map):
+            if self._staging_pool().park(c.payload_map):
+                self._account_staging()  # the pool holds them now: host staging, not gathered
+            else:
                 c.payload_map.madvise(mmap.MADV_DONTNEED)  # to the kernel, faulted in again
         else:
             c.payload.untyped_storage().resize_(0)
         c.resident = False
-        self.tiers["device"].account("param_gathered", -c.capacity * self.dtype.itemsize)
 
     def _cached(self, c: Chunk) -> bool:
         """Stays gathered after use until the step ends (or a budget evicts it)."""

@@ -176,6 +176,14 @@ def test_released_nvme_payload_pages_parked_or_released(tmp_path, reference, mon
     pool = res["mgr"].swapper.store.staging
     if movable and staging.move_pages(staging.huge_mapping(4096), staging.huge_mapping(4096)):
         assert pool.parked_bytes > 0, "released payloads should have parked their pages"
+        # parked pages are host memory: counted (as staging) as soon as they are parked,
+        # here right after a forward that released its chunks
+        from offload_helpers import batches
+
+        mgr, b = res["mgr"], batches()[0]
+        mgr.backward(mgr.module(input_ids=b, labels=b).loss)
+        assert pool.parked_bytes > 0
+        assert mgr.memory_report()["host"]["staging"] >= pool.parked_bytes
     if not movable:
         assert pool.parked_bytes == 0
     res["mgr"].swapper.close()
