@@ -158,9 +158,8 @@ class Chunk:
         # storage; created and accounted by the manager
         self.payload: torch.Tensor | None = None  # full chunk, working dtype, compute device
         self.payload_is_shard = False  # alias: one rank, shard already on the compute device
-        self.payload_map: mmap.mmap | None = (
-            None  # the payload's huge-page mapping (NVMe params on CPU)
-        )
+        # the payload's huge-page mapping (NVMe params on CPU; its pages are parked on release)
+        self.payload_map: mmap.mmap | None = None
         self.resident = False
         self.shard: torch.Tensor | None = None  # this rank's working-dtype shard
         self.master: torch.Tensor | None = None  # fp32 master shard (may alias ``shard``)

@@ -97,7 +97,10 @@ def _mremap_fn():
             with contextlib.suppress(OSError, AttributeError):
                 fn = ctypes.CDLL(None, use_errno=True).mremap
                 fn.restype = ctypes.c_void_p
-                fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t] + [
+                fn.argtypes = [
+                    ctypes.c_void_p,
+                    ctypes.c_size_t,
+                    ctypes.c_size_t,
                     ctypes.c_int,
                     ctypes.c_void_p,
                 ]
@@ -174,12 +177,11 @@ class StagingPool:
         them for :meth:`unpark`. False where pages cannot be moved: release them otherwise."""
         size = len(mm)
         with self._lock:
-            spare = self._spare.get(size) or [huge_mapping(size)]
-            slot = spare[-1]
+            spares = self._spare.setdefault(size, [])
+            slot = spares.pop() if spares else huge_mapping(size)
             if not move_pages(mm, slot):
+                spares.append(slot)
                 return False
-            if self._spare.get(size):
-                self._spare[size].pop()
             self._parked.setdefault(size, []).append(slot)
             self.parked_bytes += size
             self.bytes += size

@@ -412,9 +412,7 @@ class ParamFetcher:
         self._free: list[torch.Tensor] = []
         self._all: list[torch.Tensor] = []
         self.inflight: dict[int, tuple[torch.Tensor, Future]] = {}
-        # adopted buffers (chunk index): their future is the shard's write-back, not a read, so
-        # take() need not wait for it; the buffer is not reused until it is done (_writing)
-        self._adopted: set[int] = set()
+        # buffers still read by a write-back (adopted masters): not refilled until it is done
         self._writing: list[tuple[torch.Tensor, Future]] = []
         self.hits = 0
         self.misses = 0
@@ -451,8 +449,8 @@ class ParamFetcher:
             return self._all[-1]
         idx = next(iter(self.inflight))  # oldest prefetch: let it land and reuse its buffer
         buf, fut = self.inflight.pop(idx)
-        self._adopted.discard(idx)
         fut.result()
+        self._settle_writes(buf)
         self.dropped += 1
         if buf.numel() < n:
             self._replace(buf, n)
@@ -482,10 +480,6 @@ class ParamFetcher:
         else:
             self.hits += 1
             buf, fut = entry
-            if c.index in self._adopted:  # holds the shard already; its write-back goes on
-                self._adopted.discard(c.index)
-                self._writing.append((buf, fut))
-                return buf
         t0 = time.perf_counter()
         fut.result()
         self.sw.io_wait_s += time.perf_counter() - t0
@@ -499,8 +493,10 @@ class ParamFetcher:
             fut.result()  # no room in the pool: the shard is read back when needed
             return
         self._all.append(buf)
-        self.inflight[c.index] = (buf, fut)
-        self._adopted.add(c.index)
+        ready: Future = Future()
+        ready.set_result(None)  # the buffer holds the shard already: take() does not wait
+        self.inflight[c.index] = (buf, ready)
+        self._writing.append((buf, fut))
 
     def give(self, buf: torch.Tensor) -> None:
         self._free.append(buf)
@@ -509,7 +505,6 @@ class ParamFetcher:
         """``c`` turned out not to need its read (it was still resident): reclaim the buffer."""
         entry = self.inflight.pop(c.index, None)
         if entry is not None:
-            self._adopted.discard(c.index)
             entry[1].result()
             self._free.append(entry[0])
             self.dropped += 1
@@ -520,7 +515,6 @@ class ParamFetcher:
             fut.result()
             self._free.append(buf)
         self.inflight.clear()
-        self._adopted.clear()
         self._settle_writes()
 
     def release_buffers(self) -> None:

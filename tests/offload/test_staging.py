@@ -149,7 +149,7 @@ def test_trim_gives_back_parked_pages():
     mm = huge_mapping(4 << 20)
     mm.write(b"x" * len(mm))
     if not pool.park(mm):
-        pytest.skip("this kernel cannot move pages")
+        pytest.skip("this kernel cannot move pages (MREMAP_DONTUNMAP, Linux >= 5.7)")
     assert pool.trim(keep_bytes=0) == 4 << 20
     assert pool.bytes == pool.parked_bytes == 0 and not pool.unpark(mm)
 
