@@ -66,7 +66,7 @@ from .swap import READ_ONLY, ParamFetcher, ShardSwapper
 from .tiers import (
     AccessOrder,
     Tier,
-    bound_host_memory,
+    peak_rss_bytes,
     release_host_memory,
     static_placement,
 )
@@ -257,8 +257,6 @@ class ChunkManager:
             self.tiers["nvme"] = Tier("nvme", torch.device("cpu"))
         self.swapper: ShardSwapper | None = None
         self.fetcher: ParamFetcher | None = None
-        if (cfg.host_budget is not None or cfg.nvme_optim_frac > 0) and not dry:
-            bound_host_memory()  # RSS must track what is live, not what was ever staged
         self.dtype = cfg.dtype
         self.scaler = (
             DynamicLossScaler(cfg.init_scale, growth_interval=cfg.growth_interval)
@@ -272,6 +270,7 @@ class ChunkManager:
         self.evictions = 0
         self.gathers = 0
         self.prefetches = 0  # gathers started ahead of use (several ranks)
+        self.moved_gathers = 0  # NVMe shards that became the payload by moving pages (no copy)
         self._gathered_elems = 0
         self._reduced_elems = 0
         # a device budget caches every gathered chunk (evicted by furthest next use)
@@ -433,18 +432,37 @@ class ChunkManager:
         caps = sorted((c.capacity for c in self.chunks if self._grads_staged(c)), reverse=True)
         return sum(staged_bytes(n * 4) for n in caps[:3])
 
-    def _over_budget(self, need: dict[str, int]) -> dict[str, int]:
-        """Tiers whose budget ``need`` (plus the activation reserve on the device) exceeds."""
+    def _budgeted(self, need: dict[str, int]) -> dict[str, int]:
+        """``need`` as each tier's budget must hold it: plus the activation reserve on the
+        device; on a CPU-only box the device tier is the same RAM, the host budget covers both."""
         checks = {t: n for t, n in need.items() if t != "nvme"}
         checks["device"] += self.config.activation_bytes
         if self.tiers["device"].device == self.tiers["host"].device:
-            # a CPU-only box: the device tier is the same RAM, the host budget covers both
             checks["host"] = checks["host"] + checks["device"]
+        return checks
+
+    def _over_budget(self, need: dict[str, int]) -> dict[str, int]:
+        """Tiers whose budget ``need`` (plus the activation reserve on the device) exceeds."""
         return {
             t: n - self.tiers[t].budget
-            for t, n in checks.items()
+            for t, n in self._budgeted(need).items()
             if self.tiers[t].budget is not None and n > self.tiers[t].budget
         }
+
+    def _heap_keep(self) -> int:
+        """Freed heap memory the process may keep after an optimizer pass: what the next
+        step's activations and autograd gradients take again without faulting in fresh pages
+        (on a VM that returns freed memory to its host, ~0.1 s per step at 0.1 B parameters,
+        ~10 % of the step at 1 B). All of it without a host budget. Under one, no more than
+        the budget has room for by the plan and by the peak RSS measured so far (so what the
+        heap keeps cannot lift a later peak above the budget); none in a budget shared with
+        other models (their peaks are not ours to count)."""
+        budget = self.tiers["host"].budget
+        if budget is None:
+            return 1 << 62
+        if self.pool is not None:
+            return 0
+        return max(0, min(self._heap_slack, budget - peak_rss_bytes()))
 
     def _auto_fractions(self) -> tuple[float, float, float, float]:
         """``placement="auto"``: the least offloading that fits the budgets, at chunk
@@ -513,6 +531,7 @@ class ChunkManager:
         self.plan = dict(need)  # predicted peak bytes per tier (model state + staging + working)
         self.plan["device"] += cfg.activation_bytes
         over = self._over_budget(need)
+        self._heap_slack = max(0, (self.tiers["host"].budget or 0) - self._budgeted(need)["host"])
         self.nvme_bytes = need.pop("nvme", 0)
         for t, more in over.items():  # before anything is allocated or created
             if not dry:
@@ -783,21 +802,31 @@ class ChunkManager:
             c.payload = self._new_payload(c)
         elif c.payload_map is None:  # same storage as before: autograd's views see the new data
             c.payload.untyped_storage().resize_(nbytes)
+        staged = self._fetch_nvme_shard(c) if c.param_tier == "nvme" else None
+        moved = False
         if c.payload_map is not None:  # keeps its address; takes back parked pages (no faults)
-            if self._staging_pool().unpark(c.payload_map):
+            pool = self._staging_pool()
+            # one rank: the shard just read is the whole payload; its pages move there (no
+            # copy) unless a write-back still reads them (a handed-over master)
+            moved = (
+                self.world_size == 1
+                and staged is not None
+                and staged.dtype == self.dtype
+                and not self.fetcher.writing(staged)
+                and pool.hand_pages(staged, c.payload_map)
+            )
+            self.moved_gathers += moved
+            if moved or pool.unpark(c.payload_map):
                 self._account_staging()  # the pages left the pool (counted as gathered below)
-        staged = None
-        if c.param_tier == "nvme":
-            staged = self._fetch_nvme_shard(c)
-            src = self.tiers["device"].put(staged[: c.shard_size])
-        else:  # host -> device copy on a GPU, else none
-            src = self.tiers["device"].put(c.shard)
         work = None
-        with _preserve_version(c.payload):
-            if self.world_size > 1:
-                work = all_gather_into(c.payload, src, self.group, async_op=async_op)
-            else:
-                c.payload.copy_(src)
+        if not moved:
+            # host -> device copy on a GPU, else none
+            src = self.tiers["device"].put(c.shard if staged is None else staged[: c.shard_size])
+            with _preserve_version(c.payload):
+                if self.world_size > 1:
+                    work = all_gather_into(c.payload, src, self.group, async_op=async_op)
+                else:
+                    c.payload.copy_(src)
         if staged is not None:
             self.fetcher.give(staged)
         self.tiers["device"].account("param_gathered", nbytes)
@@ -1299,7 +1328,7 @@ class ChunkManager:
         for i, (buf, fut) in self.swapper.take_handed().items():
             assert self.fetcher is not None
             self.fetcher.adopt(self.chunks[i], buf, fut)
-        release_host_memory()
+        release_host_memory(keep=self._heap_keep())
         self._account_staging()
 
     def _account_staging(self) -> None:

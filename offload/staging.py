@@ -200,6 +200,29 @@ class StagingPool:
             self.bytes -= size
             return True
 
+    def hand_pages(self, src: torch.Tensor, dst: mmap.mmap) -> bool:
+        """Give ``dst`` the contents of the pool buffer ``src`` without a copy: ``src``'s
+        pages move onto ``dst`` and parked pages refill ``src`` (so its next use does not fault
+        either). False (nothing changed) unless ``src`` starts a slab of ``dst``'s size and
+        pages of that size are parked. No transfer may be using ``src``'s memory: the pages
+        move with it."""
+        size = len(dst)
+        with self._lock:
+            parked = self._parked.get(size)
+            if not parked:
+                return False
+            slab = next(
+                (m for m in self._slabs if len(m) == size and mapping_address(m) == src.data_ptr()),
+                None,
+            )
+            if slab is None or not move_pages(slab, dst):
+                return False
+            if move_pages(parked[-1], slab):  # else src faults its pages in again: still correct
+                self._spare.setdefault(size, []).append(parked.pop())
+                self.parked_bytes -= size
+                self.bytes -= size
+            return True
+
     def idle_bytes(self) -> int:
         with self._lock:
             return sum(len(self._slabs[i]) for i in range(len(self._slabs)) if self._idle(i))

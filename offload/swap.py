@@ -498,6 +498,10 @@ class ParamFetcher:
         self.inflight[c.index] = (buf, ready)
         self._writing.append((buf, fut))
 
+    def writing(self, buf: torch.Tensor) -> bool:
+        """Whether a write-back still reads ``buf`` (an adopted master being written)."""
+        return any(b is buf and not f.done() for b, f in self._writing)
+
     def give(self, buf: torch.Tensor) -> None:
         self._free.append(buf)
 

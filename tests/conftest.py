@@ -68,13 +68,15 @@ def key_bias_mask(name: str, t: torch.Tensor, n_embd: int = 32) -> torch.Tensor 
     return None
 
 
-def assert_params_close(ref: dict, got: dict, atol: float = 1e-5, noise_atol: float = 1e-3):
+def assert_params_close(
+    ref: dict, got: dict, atol: float = 1e-5, noise_atol: float = 1e-3, n_embd: int = 32
+):
     """Every parameter within ``atol``; the key-bias noise (see key_bias_mask) within
     ``noise_atol`` (a bound well below lr * steps = 0.09, the most it could drift)."""
     assert set(ref) == set(got), set(ref) ^ set(got)
     for n, r in ref.items():
         d = (r - got[n]).abs()
-        m = key_bias_mask(n, r)
+        m = key_bias_mask(n, r, n_embd)
         if m is not None:
             assert d[m].max() <= noise_atol, (n, d[m].max().item())
             d = d[~m]

@@ -165,6 +165,33 @@ def test_park_reports_false_where_pages_cannot_move(monkeypatch):
     assert mm[:1] == b"y" and pool.bytes == 0
 
 
+def test_hand_pages_moves_a_buffer_into_a_mapping_and_refills_it_from_parked_pages():
+    """The buffer's contents land in the target mapping without a copy; parked pages refill
+    the buffer (it stays usable, writes fault nothing); without parked pages of that size,
+    or for memory that is not a slab start of that size, nothing changes."""
+    n = 8 << 20
+    pool = StagingPool()
+    buf = pool.empty(n).view(torch.float32)
+    ref = torch.arange(buf.numel(), dtype=torch.float32)
+    buf.copy_(ref)
+    payload = huge_mapping(n)
+    p = torch.frombuffer(payload, dtype=torch.float32)
+    assert not pool.hand_pages(buf, payload), "nothing parked: the caller copies"
+    old = huge_mapping(n)
+    old.write(b"z" * n)
+    if not pool.park(old):
+        pytest.skip("this kernel cannot move pages (MREMAP_DONTUNMAP, Linux >= 5.7)")
+    assert not pool.hand_pages(buf[1:], payload), "not the start of a slab"
+    assert not pool.hand_pages(buf, huge_mapping(n + HUGE_PAGE)), "another size"
+    assert pool.hand_pages(buf, payload)
+    assert torch.equal(p, ref), "the contents moved"
+    assert pool.parked_bytes == 0 and pool.bytes == n, "the parked pages now back the buffer"
+    f0 = _faults()
+    buf.fill_(3.0)
+    assert _faults() - f0 < 8, "the buffer was refilled with populated pages"
+    assert torch.equal(p, ref), "the payload is no longer shared with the buffer"
+
+
 # ------------------------------------------------------------------------------ fetcher
 class _Shard:
     """The attributes of a Chunk that ShardSwapper / ParamFetcher use."""

@@ -93,3 +93,53 @@ def test_victim_wraps_into_next_iteration_and_falls_back_to_lru():
     for c in (3, 1, 2):
         fresh.record(c)
     assert fresh.victim([1, 2, 3]) == 3
+
+
+def test_release_host_memory_keeps_what_the_allowance_covers():
+    """glibc: a heap holding at most ``keep`` free bytes is left alone (the next step reuses
+    them without page faults); above it, ``malloc_trim`` hands the free pages back."""
+    from offload import tiers
+
+    if tiers.heap_free_bytes() is None:
+        pytest.skip("not glibc >= 2.33 (no mallinfo2)")
+    blocks = [torch.empty(1 << 18) for _ in range(64)]  # 1 MiB each
+    for b in blocks:
+        b.fill_(1.0)
+    del blocks
+    free = tiers.heap_free_bytes()
+    assert free > 0
+    assert not tiers.release_host_memory(keep=free), "within the allowance: no trim"
+    assert tiers.release_host_memory(keep=0)
+
+
+def test_manager_trims_the_heap_only_beyond_what_the_host_budget_has_room_for(
+    tmp_path, monkeypatch
+):
+    """Without a host budget the freed heap stays for the next step; with one, only as much
+    as the budget has room for by the plan and by the peak RSS so far: none when the process
+    already peaked above the budget."""
+    from offload_helpers import batches, tiny_gpt2
+
+    from offload import ChunkAdamW, ChunkConfig, ChunkManager
+    from offload import manager as manager_mod
+    from offload.tiers import peak_rss_bytes
+
+    keeps = []
+    monkeypatch.setattr(manager_mod, "release_host_memory", lambda keep=0: keeps.append(keep))
+    base = dict(chunk_size=1500, offload_optim_frac=1.0, nvme_optim_frac=1.0, nvme_dir=tmp_path)
+    assert peak_rss_bytes() > 64 << 20  # torch alone is more
+    for budget in (None, 64 << 20, 1 << 40):
+        keeps.clear()
+        mgr = ChunkManager(tiny_gpt2(), ChunkConfig(**base, host_budget=budget))
+        opt = ChunkAdamW(mgr, lr=1e-3)
+        b = batches(1)[0]
+        mgr.backward(mgr.module(input_ids=b, labels=b).loss)
+        opt.step()
+        if budget is None:
+            assert keeps[-1] >= 1 << 60
+        elif budget == 64 << 20:
+            assert keeps[-1] == 0, "the process peaked above the budget already"
+        else:
+            planned = mgr.plan["host"] + mgr.plan["device"]  # one RAM on a CPU-only box
+            assert budget - peak_rss_bytes() <= keeps[-1] <= budget - planned
+        mgr.close()
