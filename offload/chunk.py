@@ -160,6 +160,7 @@ class Chunk:
         self.payload_is_shard = False  # alias: one rank, shard already on the compute device
         # the payload's huge-page mapping (NVMe params on CPU; its pages are parked on release)
         self.payload_map: mmap.mmap | None = None
+        self.payload_tag: tuple[int, int] | None = None  # (index, shard version) it holds
         self.resident = False
         self.shard: torch.Tensor | None = None  # this rank's working-dtype shard
         self.master: torch.Tensor | None = None  # fp32 master shard (may alias ``shard``)

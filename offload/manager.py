@@ -271,6 +271,7 @@ class ChunkManager:
         self.gathers = 0
         self.prefetches = 0  # gathers started ahead of use (several ranks)
         self.moved_gathers = 0  # NVMe shards that became the payload by moving pages (no copy)
+        self.reclaimed_gathers = 0  # NVMe chunks gathered from their own parked pages (no read)
         self._gathered_elems = 0
         self._reduced_elems = 0
         # a device budget caches every gathered chunk (evicted by furthest next use)
@@ -802,14 +803,19 @@ class ChunkManager:
             c.payload = self._new_payload(c)
         elif c.payload_map is None:  # same storage as before: autograd's views see the new data
             c.payload.untyped_storage().resize_(nbytes)
-        staged = self._fetch_nvme_shard(c) if c.param_tier == "nvme" else None
-        moved = False
-        if c.payload_map is not None:  # keeps its address; takes back parked pages (no faults)
+        tag = self._payload_tag(c)
+        moved = tag is not None and self._staging_pool().reclaim(c.payload_map, tag)
+        if moved:  # its pages still hold this shard from its last gather: no read, no copy
+            self.reclaimed_gathers += 1
+            self.fetcher.cancel(c)  # a read predicted anyway (another chunk took the pages)
+            self._account_staging()
+        staged = self._fetch_nvme_shard(c) if c.param_tier == "nvme" and not moved else None
+        if c.payload_map is not None and not moved:  # takes back parked pages (no faults)
             pool = self._staging_pool()
             # one rank: the shard just read is the whole payload; its pages move there (no
             # copy) unless a write-back still reads them (a handed-over master)
             moved = (
-                self.world_size == 1
+                tag is not None
                 and staged is not None
                 and staged.dtype == self.dtype
                 and not self.fetcher.writing(staged)
@@ -818,6 +824,7 @@ class ChunkManager:
             self.moved_gathers += moved
             if moved or pool.unpark(c.payload_map):
                 self._account_staging()  # the pages left the pool (counted as gathered below)
+        c.payload_tag = tag
         work = None
         if not moved:
             # host -> device copy on a GPU, else none
@@ -833,6 +840,22 @@ class ChunkManager:
         self.gathers += 1
         self._gathered_elems += c.capacity
         self._gathering[c.index] = work
+
+    def _payload_tag(self, c: Chunk) -> tuple[int, int] | None:
+        """What a one-rank NVMe parameter chunk's payload holds once gathered now: its shard
+        at the current version (bumped by every write of it). Parked with that tag on release,
+        the pages serve the next gather of the same version without a read (the pool keeps
+        them until another gather takes them). Several ranks: never (each rank would decide
+        alone whether to all-gather)."""
+        if c.payload_map is None or c.param_tier != "nvme" or self.world_size != 1:
+            return None
+        assert self.swapper is not None
+        return (c.index, self.swapper.version[(c.index, self.fetcher.key)])
+
+    def _parked_copy(self, c: Chunk) -> bool:
+        """Whether the staging pool still holds ``c``'s current shard in parked pages."""
+        tag = self._payload_tag(c)
+        return tag is not None and self._staging_pool().holds(len(c.payload_map), tag)
 
     def _staging_pool(self) -> StagingPool:
         assert self.swapper is not None
@@ -920,14 +943,16 @@ class ChunkManager:
                     and not nxt.resident
                     and nxt is not c
                     and nxt not in out
+                    and not self._parked_copy(nxt)  # its pages still hold the shard
                 ):
                     out.append(nxt)
             return out
         step = -1 if self._backward_active else 1
         i = c.index + step
         while 0 <= i < len(self.chunks) and len(out) < want:
-            if self.chunks[i].param_tier == "nvme" and not self.chunks[i].resident:
-                out.append(self.chunks[i])
+            nxt = self.chunks[i]
+            if nxt.param_tier == "nvme" and not nxt.resident and not self._parked_copy(nxt):
+                out.append(nxt)
             i += step
         return out
 
@@ -943,7 +968,7 @@ class ChunkManager:
         # free the memory itself: autograd may hold views of this storage until backward
         self.tiers["device"].account("param_gathered", -c.capacity * self.dtype.itemsize)
         if c.payload_map is not None:  # address kept; the pages parked for the next gather
-            if self._staging_pool().park(c.payload_map):
+            if self._staging_pool().park(c.payload_map, tag=c.payload_tag):
                 self._account_staging()  # the pool holds them now: host staging, not gathered
             else:
                 c.payload_map.madvise(mmap.MADV_DONTNEED)  # to the kernel, faulted in again
@@ -1451,7 +1476,8 @@ class ChunkManager:
         """The least the NVMe tier must move per step (after the first) for this placement:
         each parameter shard read once (none for the chunks the update pass hands over to the
         next forward; every re-read on top, e.g. in backward after a release, is the price of
-        not keeping parameters in RAM), gradients written once; AdamW reads
+        not keeping parameters in RAM: on one rank a chunk whose parked pages still hold its
+        shard is gathered from them instead), gradients written once; AdamW reads
         and writes m and v (and the fp32 master where it is not the working shard, or the NVMe
         parameter shard it updates) and reads back the gradient of an NVMe parameter shard
         (except the last few backward wrote, still in RAM)."""

@@ -27,7 +27,10 @@ empty. Why not ``MADV_DONTNEED`` and fault the pages in again: on this machine (
 memory goes back to the host) a 2 MiB page that comes back costs 3-5 ms, 0.3-0.47 s per 200 MB
 chunk gathered, against 1.5 ms to move the pages in and out
 (``tests/offload/test_staging.py``; Linux >= 5.7; elsewhere parking reports False and the caller
-releases the pages as before).
+releases the pages as before). Parked pages keep their contents until another mapping takes
+them (oldest first): parked with a tag (the manager's: chunk index and shard version), they
+come back by :meth:`StagingPool.reclaim`, so a chunk gathered again before its shard changes
+needs neither a read nor a copy.
 
 Example::
 
@@ -49,6 +52,7 @@ import ctypes
 import mmap
 import sys
 import threading
+from collections.abc import Hashable
 
 import torch
 
@@ -138,8 +142,9 @@ class StagingPool:
         self.min_bytes = min_bytes
         self._slabs: list[mmap.mmap] = []
         self._lock = threading.Lock()
-        # parking (see the module docstring): populated and empty mappings per size
-        self._parked: dict[int, list[mmap.mmap]] = {}
+        # parking (see the module docstring): populated mappings per size, oldest first, each
+        # with the caller's tag for what its pages still hold; empty mappings per size
+        self._parked: dict[int, list[tuple[mmap.mmap, Hashable]]] = {}
         self._spare: dict[int, list[mmap.mmap]] = {}
         self.parked_bytes = 0  # the parked pages (also in ``bytes``)
         self.bytes = 0
@@ -172,9 +177,11 @@ class StagingPool:
                 self.reused += 1
             return torch.frombuffer(mm, dtype=torch.uint8, count=n)
 
-    def park(self, mm: mmap.mmap) -> bool:
-        """Take ``mm``'s pages (its contents are dropped; ``mm`` stays mapped, empty) and keep
-        them for :meth:`unpark`. False where pages cannot be moved: release them otherwise."""
+    def park(self, mm: mmap.mmap, tag: Hashable = None) -> bool:
+        """Take ``mm``'s pages (``mm`` stays mapped, empty) and keep them for :meth:`unpark`,
+        or, contents and all, for :meth:`reclaim` by ``tag`` (what they hold, in the caller's
+        terms) until another mapping takes them. False where pages cannot be moved: release
+        them otherwise."""
         size = len(mm)
         with self._lock:
             spares = self._spare.setdefault(size, [])
@@ -182,23 +189,41 @@ class StagingPool:
             if not move_pages(mm, slot):
                 spares.append(slot)
                 return False
-            self._parked.setdefault(size, []).append(slot)
+            self._parked.setdefault(size, []).append((slot, tag))
             self.parked_bytes += size
             self.bytes += size
             return True
 
+    def _take_parked(self, size: int, dst: mmap.mmap, tag: Hashable = None) -> bool:
+        """Move parked pages of ``size`` onto ``dst``: those tagged ``tag`` (None: the oldest,
+        so the most recently parked, the likeliest to be reclaimed, stay longest)."""
+        parked = self._parked.get(size)
+        if not parked:
+            return False
+        i = 0 if tag is None else next((j for j, p in enumerate(parked) if p[1] == tag), None)
+        if i is None or not move_pages(parked[i][0], dst):
+            return False
+        self._spare.setdefault(size, []).append(parked.pop(i)[0])
+        self.parked_bytes -= size
+        self.bytes -= size
+        return True
+
     def unpark(self, mm: mmap.mmap) -> bool:
         """Give ``mm`` (empty) parked pages of its size: it is then populated (stale contents,
         to be overwritten) and its next writes do not fault. False if none are parked."""
-        size = len(mm)
         with self._lock:
-            parked = self._parked.get(size)
-            if not parked or not move_pages(parked[-1], mm):
-                return False
-            self._spare.setdefault(size, []).append(parked.pop())
-            self.parked_bytes -= size
-            self.bytes -= size
-            return True
+            return self._take_parked(len(mm), mm)
+
+    def reclaim(self, mm: mmap.mmap, tag: Hashable) -> bool:
+        """Give ``mm`` back the pages parked with ``tag``, contents intact (no copy, no read).
+        False if another mapping took them meanwhile."""
+        with self._lock:
+            return tag is not None and self._take_parked(len(mm), mm, tag)
+
+    def holds(self, size: int, tag: Hashable) -> bool:
+        """Whether pages parked with ``tag`` (mapping size ``size``) are still here."""
+        with self._lock:
+            return tag is not None and any(t == tag for _, t in self._parked.get(size, ()))
 
     def hand_pages(self, src: torch.Tensor, dst: mmap.mmap) -> bool:
         """Give ``dst`` the contents of the pool buffer ``src`` without a copy: ``src``'s
@@ -208,8 +233,7 @@ class StagingPool:
         move with it."""
         size = len(dst)
         with self._lock:
-            parked = self._parked.get(size)
-            if not parked:
+            if not self._parked.get(size):
                 return False
             slab = next(
                 (m for m in self._slabs if len(m) == size and mapping_address(m) == src.data_ptr()),
@@ -217,10 +241,7 @@ class StagingPool:
             )
             if slab is None or not move_pages(slab, dst):
                 return False
-            if move_pages(parked[-1], slab):  # else src faults its pages in again: still correct
-                self._spare.setdefault(size, []).append(parked.pop())
-                self.parked_bytes -= size
-                self.bytes -= size
+            self._take_parked(size, slab)  # else src faults its pages in again: still correct
             return True
 
     def idle_bytes(self) -> int:
@@ -244,9 +265,9 @@ class StagingPool:
                 self._slabs[i].close()
             self._slabs = [m for i, m in enumerate(self._slabs) if i not in drop]
             self.bytes -= freed
-            for size, parked in self._parked.items():  # then parked pages
+            for size, parked in self._parked.items():  # then parked pages, oldest first
                 while parked and self.bytes > keep_bytes:
-                    parked.pop().close()
+                    parked.pop(0)[0].close()
                     self.bytes -= size
                     self.parked_bytes -= size
                     freed += size

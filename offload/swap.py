@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -84,6 +84,8 @@ class ShardSwapper:
         self.depth = depth
         self.extents: dict[tuple[int, str], Extent] = {}
         self.written: set[tuple[int, str]] = set()
+        # bumped at every write of a key: what a copy of it in RAM must match to be current
+        self.version: dict[tuple[int, str], int] = defaultdict(int)
         # writes issued outside a pass (gradients, written during backward): a read of the same
         # extent must wait for them; the buffer stays referenced until the write is done
         self.pending: dict[tuple[int, str], tuple[Future, torch.Tensor]] = {}
@@ -138,6 +140,7 @@ class ShardSwapper:
         fut = self.store.write(self.extents[(idx, key)], buf, priority=BACKGROUND)
         self.pending[(idx, key)] = (fut, buf)
         self.written.add((idx, key))
+        self.version[(idx, key)] += 1
         return fut
 
     def settle(self, chunk: Any, key: str) -> None:
@@ -188,6 +191,7 @@ class ShardSwapper:
         """Forget ``key``'s content: the next pass zero-fills instead of reading it."""
         self.settle(chunk, key)
         self.written.discard((_idx(chunk), key))
+        self.version[(_idx(chunk), key)] += 1
 
     def valid(self, chunk: Any, key: str) -> bool:
         return (_idx(chunk), key) in self.written
@@ -359,6 +363,7 @@ class ShardSwapper:
                         fut = self.store.write(ext, bufs[k][: c.shard_size], priority=BACKGROUND)
                         wf.append((c.index, k, fut, bufs[k]))
                         self.written.add((c.index, k))
+                        self.version[(c.index, k)] += 1
                         if k == "master" and c.index in hand:
                             self.handed[c.index] = (bufs.pop(k), fut)
                     writes.append((bufs, wf))

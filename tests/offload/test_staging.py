@@ -192,6 +192,28 @@ def test_hand_pages_moves_a_buffer_into_a_mapping_and_refills_it_from_parked_pag
     assert torch.equal(p, ref), "the payload is no longer shared with the buffer"
 
 
+def test_parked_pages_are_reclaimed_by_tag_with_their_contents_until_taken():
+    """Pages parked with a tag come back, contents intact, to a mapping that asks for that
+    tag; plain unparks take the oldest parked pages first, so the newest stay reclaimable;
+    once another mapping took them, the tag is gone."""
+    n = 4 << 20
+    pool = StagingPool()
+    maps = [huge_mapping(n) for _ in range(3)]
+    for i, mm in enumerate(maps):
+        mm.write(bytes([65 + i]) * n)
+        if not pool.park(mm, tag=("chunk", i)):
+            pytest.skip("this kernel cannot move pages (MREMAP_DONTUNMAP, Linux >= 5.7)")
+    assert all(pool.holds(n, ("chunk", i)) for i in range(3))
+    assert not pool.holds(n, ("chunk", 3)) and not pool.holds(2 * n, ("chunk", 0))
+    assert pool.reclaim(maps[2], ("chunk", 2)) and maps[2][:1] == b"C" and maps[2][-1:] == b"C"
+    other = huge_mapping(n)
+    assert pool.unpark(other) and other[:1] == b"A", "the oldest parked pages go first"
+    assert not pool.holds(n, ("chunk", 0)) and not pool.reclaim(maps[0], ("chunk", 0))
+    assert maps[0][:1] == b"\x00", "a failed reclaim leaves the mapping as it was"
+    assert pool.reclaim(maps[1], ("chunk", 1)) and maps[1][:1] == b"B"
+    assert pool.parked_bytes == 0 and not pool.reclaim(maps[1], None)
+
+
 # ------------------------------------------------------------------------------ fetcher
 class _Shard:
     """The attributes of a Chunk that ShardSwapper / ParamFetcher use."""
