@@ -65,9 +65,15 @@ def plain_adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     )
 
 
-def reference_run(steps: int = STEPS, checkpointing: bool = False, seed: int = 0):
-    """Plain PyTorch: AdamW(fused=True), decay only for ndim >= 2, clip_grad_norm_."""
-    model = tiny_gpt2(seed, checkpointing)
+def reference_run(
+    steps: int = STEPS,
+    checkpointing: bool = False,
+    seed: int = 0,
+    model: torch.nn.Module | None = None,
+):
+    """Plain PyTorch: AdamW(fused=True), decay only for ndim >= 2, clip_grad_norm_ (on
+    ``model``, default the tiny GPT-2)."""
+    model = tiny_gpt2(seed, checkpointing) if model is None else model
     opt = plain_adamw(model)
     losses = []
     for b in batches(steps):

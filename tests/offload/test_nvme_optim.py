@@ -271,24 +271,14 @@ def test_nvme_shard_pages_become_the_payload_without_a_copy(tmp_path, monkeypatc
     payload by moving its pages (the buffer is refilled with parked pages), except while a
     write-back still reads it; training equals the copying path bit for bit and plain
     PyTorch within 1e-5."""
-    from offload_helpers import CLIP, LR, WD, batches, plain_adamw
+    from offload_helpers import LR, WD
 
     from offload import ChunkAdamW, ChunkManager, staging
 
     if not staging.move_pages(staging.huge_mapping(4096), staging.huge_mapping(4096)):
         pytest.skip("this kernel cannot move pages (MREMAP_DONTUNMAP, Linux >= 5.7)")
     steps = 4
-    data = batches(steps)
-    model = _wide_gpt2()
-    opt = plain_adamw(model)
-    ref = []
-    for b in data:
-        loss = model(input_ids=b, labels=b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        opt.step()
-        opt.zero_grad()
-        ref.append(loss.item())
+    ref, ref_params = reference_run(steps, model=_wide_gpt2())
 
     def run(path):
         path.mkdir()
@@ -303,7 +293,7 @@ def test_nvme_shard_pages_become_the_payload_without_a_copy(tmp_path, monkeypatc
     moved = run(tmp_path / "moved")
     assert moved["mgr"].moved_gathers > 0, "no shard became its payload without a copy"
     assert max(abs(a - b) for a, b in zip(ref, moved["losses"])) <= 1e-5
-    assert_params_close(dict(model.named_parameters()), moved["params"], n_embd=256)
+    assert_params_close(ref_params, moved["params"], n_embd=256)
     monkeypatch.setattr(staging.StagingPool, "hand_pages", lambda *a: False)
     copied = run(tmp_path / "copied")
     assert copied["mgr"].moved_gathers == 0
