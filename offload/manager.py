@@ -803,30 +803,33 @@ class ChunkManager:
             c.payload = self._new_payload(c)
         elif c.payload_map is None:  # same storage as before: autograd's views see the new data
             c.payload.untyped_storage().resize_(nbytes)
+        # a payload mapping keeps its address and takes pages from the staging pool (no
+        # faults); on one rank (tag) they may already hold the shard, or take the read's pages
         tag = self._payload_tag(c)
-        moved = tag is not None and self._staging_pool().reclaim(c.payload_map, tag)
-        if moved:  # its pages still hold this shard from its last gather: no read, no copy
+        pool = self._staging_pool() if c.payload_map is not None else None
+        filled = tag is not None and pool.reclaim(c.payload_map, tag)  # no read, no copy
+        if filled:
             self.reclaimed_gathers += 1
             self.fetcher.cancel(c)  # a read predicted anyway (another chunk took the pages)
-            self._account_staging()
-        staged = self._fetch_nvme_shard(c) if c.param_tier == "nvme" and not moved else None
-        if c.payload_map is not None and not moved:  # takes back parked pages (no faults)
-            pool = self._staging_pool()
-            # one rank: the shard just read is the whole payload; its pages move there (no
-            # copy) unless a write-back still reads them (a handed-over master)
-            moved = (
+        staged = self._fetch_nvme_shard(c) if c.param_tier == "nvme" and not filled else None
+        if pool is not None and not filled:
+            # the shard just read is the whole payload: its pages move there (no copy) unless
+            # a write-back still reads them (a handed-over master)
+            filled = (
                 tag is not None
                 and staged is not None
                 and staged.dtype == self.dtype
                 and not self.fetcher.writing(staged)
                 and pool.hand_pages(staged, c.payload_map)
             )
-            self.moved_gathers += moved
-            if moved or pool.unpark(c.payload_map):
-                self._account_staging()  # the pages left the pool (counted as gathered below)
+            self.moved_gathers += filled
+            if not filled:
+                pool.unpark(c.payload_map)
+        if pool is not None:
+            self._account_staging()  # pages left the pool (counted as gathered below)
         c.payload_tag = tag
         work = None
-        if not moved:
+        if not filled:
             # host -> device copy on a GPU, else none
             src = self.tiers["device"].put(c.shard if staged is None else staged[: c.shard_size])
             with _preserve_version(c.payload):

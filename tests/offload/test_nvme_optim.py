@@ -29,6 +29,13 @@ def nvme_cfg(path, **kw) -> dict:
     return base | kw
 
 
+def _pages_move() -> bool:
+    """Whether this kernel moves pages between mappings (MREMAP_DONTUNMAP, Linux >= 5.7)."""
+    from offload import staging
+
+    return staging.move_pages(staging.huge_mapping(4096), staging.huge_mapping(4096))
+
+
 CASES = {
     "optim-on-nvme": {},
     "params-on-host": {"offload_param_frac": 1.0},
@@ -182,7 +189,7 @@ def test_released_nvme_payload_pages_parked_or_released(tmp_path, reference, mon
     assert max(abs(a - b) for a, b in zip(ref_losses, res["losses"])) <= 1e-5
     assert_params_close(ref_params, res["params"])
     pool = res["mgr"].swapper.store.staging
-    if movable and staging.move_pages(staging.huge_mapping(4096), staging.huge_mapping(4096)):
+    if movable and _pages_move():
         assert pool.parked_bytes > 0, "released payloads should have parked their pages"
         # parked pages are host memory: counted (as staging) as soon as they are parked,
         # here right after a forward that released its chunks
@@ -275,7 +282,7 @@ def test_nvme_shard_pages_become_the_payload_without_a_copy(tmp_path, monkeypatc
 
     from offload import ChunkAdamW, ChunkManager, staging
 
-    if not staging.move_pages(staging.huge_mapping(4096), staging.huge_mapping(4096)):
+    if not _pages_move():
         pytest.skip("this kernel cannot move pages (MREMAP_DONTUNMAP, Linux >= 5.7)")
     steps = 4
     ref, ref_params = reference_run(steps, model=_wide_gpt2())
